@@ -1,0 +1,264 @@
+"""Move expert versions between registries: a tar.gz holding `manifest.json` and `blobs/<sha256>`.
+
+Export writes every selected version's metadata and file list into the manifest and each referenced
+blob once. Import trusts nothing in the archive: member names must be exactly `manifest.json` or
+`blobs/<64 hex>` (so a crafted archive cannot write outside the store), every blob is re-hashed while
+it is copied, every tree hash is recomputed from its file list, and all versions are then recorded in
+one transaction with new version numbers (the source ref is kept in `tags.imported_from`). A version
+whose content (sha256) the target expert already has is skipped, so importing twice is harmless.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, select
+
+from . import db
+from .errors import IntegrityError, ValidationError
+from .models import Expert, ExpertVersion, ExpertVersionView, as_utc, parse_ref, utcnow, validate_name
+from .store import FileEntry, Tree, file_sha256, tree_hash, validate_relpath
+
+if TYPE_CHECKING:
+    from .service import Registry
+
+EXPORT_FORMAT = "moea-registry-export"
+EXPORT_FORMAT_VERSION = 1
+_BLOB_MEMBER = re.compile(r"^blobs/([0-9a-f]{64})$")
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+@dataclass
+class ImportResult:
+    """Versions created by an import and the source refs skipped because their content was already there."""
+
+    created: list[ExpertVersionView] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def export_versions(registry: Registry, refs: list[str], out_path: Path) -> dict[str, Any]:
+    """Write the versions named by `refs` (`name` = every live version, `name@v`/`name@alias` = one)."""
+    selected: dict[str, list[ExpertVersionView]] = {}
+    for ref in refs:
+        parsed = parse_ref(ref)
+        if "@" in ref:
+            view = registry.resolve(ref, include_archived=True)
+            views = [registry.get_version(view.name, view.version)]
+        else:
+            views = [
+                registry.get_version(v.name, v.version) for v in registry.list_versions(parsed.name, False)
+            ]
+        bucket = selected.setdefault(parsed.name, [])
+        bucket.extend(v for v in views if v.version not in {b.version for b in bucket})
+    experts = {e.name: e for e in registry.list_experts()}
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "exported_at": utcnow().isoformat(),
+        "experts": [
+            {
+                "name": name,
+                "description": experts[name].description,
+                "task_kind": experts[name].task_kind,
+                "base_model": experts[name].base_model,
+                "base_model_sha256": experts[name].base_model_sha256,
+                "versions": [_version_entry(v) for v in sorted(views, key=lambda v: v.version)],
+            }
+            for name, views in selected.items()
+        ],
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".part")
+    blobs = {f.sha256: f for views in selected.values() for v in views for f in v.files}
+    with tarfile.open(partial, "w:gz") as tar:
+        _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for sha, entry in sorted(blobs.items()):
+            path = registry.store.blob_path(sha)
+            if not path.is_file() or file_sha256(path) != sha:
+                raise IntegrityError(
+                    f"blob {path} ({entry.relpath}) is missing or damaged; run `moea registry verify`"
+                )
+            tar.add(str(path), arcname=f"blobs/{sha}", recursive=False)
+    partial.replace(out_path)
+    return manifest
+
+
+def _version_entry(view: ExpertVersionView) -> dict[str, Any]:
+    return {
+        "version": view.version,
+        "sha256": view.sha256,
+        "base_model": view.base_model,
+        "base_model_name": view.base_model_name,
+        "base_model_sha256": view.base_model_sha256,
+        "metrics": view.metrics,
+        "config": view.config,
+        "tags": view.tags,
+        "run_dir": view.run_dir,
+        "mixture_sha256": view.mixture_sha256,
+        "git_commit": view.git_commit,
+        "parent_version": view.parent_version,
+        "created_at": view.created_at.isoformat(),
+        "created_by": view.created_by,
+        "files": [{"relpath": f.relpath, "sha256": f.sha256, "size": f.size} for f in view.files],
+    }
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _read_archive(registry: Registry, path: Path) -> dict[str, Any]:
+    """Copy every blob into the store (hash-checked) and return the manifest; reject any other member."""
+    manifest: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.name == "manifest.json" and member.isfile():
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise ValidationError(
+                            f"{path}: manifest.json is larger than {MAX_MANIFEST_BYTES >> 20} MiB"
+                        )
+                    manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    continue
+                match = _BLOB_MEMBER.match(member.name)
+                if member.isdir() and member.name.rstrip("/") == "blobs":
+                    continue
+                if not match or not member.isfile():
+                    raise ValidationError(
+                        f"{path}: unexpected member {member.name[:100]!r}; an export holds only manifest.json "
+                        "and blobs/<sha256>"
+                    )
+                try:
+                    registry.store.put_stream(tar.extractfile(member), expected_sha256=match.group(1))  # type: ignore[arg-type]
+                except IntegrityError as error:
+                    raise IntegrityError(f"{path}: {member.name} is corrupt: {error}") from None
+    except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
+        raise ValidationError(
+            f"{path} is not a readable moea export ({error}); re-run `moea registry export`"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise ValidationError(f"{path} has no moea export manifest; create it with `moea registry export`")
+    if manifest.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ValidationError(
+            f"{path} is export format_version {manifest.get('format_version')!r}; this moea reads 1"
+        )
+    return manifest
+
+
+def _trees(registry: Registry, manifest: dict[str, Any], path: Path) -> dict[tuple[str, int], Tree]:
+    """Validate names, file paths and hashes of every version in the manifest."""
+    trees = {}
+    for expert in manifest.get("experts") or []:
+        name = validate_name(str(expert.get("name")))
+        for version in expert.get("versions") or []:
+            entries = tuple(
+                FileEntry(validate_relpath(str(f["relpath"])), str(f["sha256"]), int(f["size"]))
+                for f in version.get("files") or []
+            )
+            if not entries or tree_hash(entries) != version.get("sha256"):
+                raise IntegrityError(
+                    f"{path}: file list of {name}@{version.get('version')} does not match its sha256"
+                )
+            missing = registry.store.missing_blobs(entries)
+            if missing:
+                raise IntegrityError(
+                    f"{path}: blob for {name}@{version.get('version')}/{missing[0].relpath} is missing"
+                )
+            trees[(name, int(version["version"]))] = Tree(str(version["sha256"]), entries)
+    return trees
+
+
+def import_archive(registry: Registry, path: Path, actor: str | None = None) -> ImportResult:
+    """Import an export tarball into `registry` in one transaction (see module docstring)."""
+    from .service import default_actor
+
+    path = Path(path)
+    manifest = _read_archive(registry, path)
+    trees = _trees(registry, manifest, path)
+    actor = actor or default_actor()
+
+    def work(session: Session) -> ImportResult:
+        registry._bump(session)
+        result = ImportResult()
+        for expert in manifest.get("experts") or []:
+            row = session.exec(select(Expert).where(Expert.name == expert["name"]).with_for_update()).first()
+            if row is None:
+                row = Expert(
+                    name=expert["name"],
+                    description=str(expert.get("description") or ""),
+                    task_kind=str(expert.get("task_kind") or "generation"),
+                    base_model=str(expert.get("base_model") or ""),
+                    base_model_sha256=expert.get("base_model_sha256"),
+                )
+                session.add(row)
+                session.flush()
+            present = set(
+                session.exec(select(ExpertVersion.sha256).where(ExpertVersion.expert_id == row.id)).all()
+            )
+            for version in expert.get("versions") or []:
+                source_ref = f"{row.name}@{version['version']}"
+                if version["sha256"] in present:
+                    result.skipped.append(source_ref)
+                    continue
+                tree = trees[(row.name, int(version["version"]))]
+                created = _insert_imported(registry, session, row, version, tree, source_ref, actor)
+                present.add(created.sha256)
+                result.created.append(registry._view(row, created, [], tree))
+        return result
+
+    return db.run_transaction(registry.engine, work, retry_conflicts=True)
+
+
+def _insert_imported(
+    registry: Registry,
+    session: Session,
+    expert: Expert,
+    version: dict[str, Any],
+    tree: Tree,
+    source_ref: str,
+    actor: str,
+) -> ExpertVersion:
+    latest = session.exec(
+        sa_select(func.max(ExpertVersion.version)).where(ExpertVersion.expert_id == expert.id)
+    ).one()[0]
+    artifact = registry._artifact_row(session, tree, "expert")
+    tags = dict(version.get("tags") or {})
+    tags["imported_from"] = {
+        "ref": source_ref,
+        "created_at": version.get("created_at"),
+        "created_by": version.get("created_by"),
+    }
+    row = ExpertVersion(
+        expert_id=expert.id,
+        version=(latest or 0) + 1,
+        artifact_id=artifact.id,
+        sha256=tree.sha256,
+        base_model=str(version.get("base_model") or ""),
+        base_model_name=version.get("base_model_name"),
+        base_model_sha256=version.get("base_model_sha256"),
+        metrics=dict(version.get("metrics") or {}),
+        config=dict(version.get("config") or {}),
+        tags=tags,
+        run_dir=version.get("run_dir"),
+        mixture_sha256=version.get("mixture_sha256"),
+        git_commit=version.get("git_commit"),
+        parent_version=latest,
+        created_at=utcnow(),
+        created_by=actor,
+    )
+    session.add(row)
+    session.flush()
+    row.created_at = as_utc(row.created_at)  # type: ignore[assignment]
+    return row

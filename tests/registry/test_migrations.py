@@ -1,0 +1,72 @@
+"""Schema migrations: one head, models == migrations, and the foundation database upgrades in place."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from helpers import make_run_dir
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+from registry import db
+from registry.service import Registry
+
+FOUNDATION_DB = Path(__file__).resolve().parent / "fixtures" / "foundation.db"
+
+
+def test_single_migration_head() -> None:
+    assert len(db.head_revisions()) == 1, f"merge the alembic heads {db.head_revisions()}"
+
+
+def test_migrations_produce_exactly_the_models(db_url: str) -> None:
+    engine = db.open_engine(db_url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, SQLModel.metadata) == []
+
+
+def test_foundation_database_upgrades_in_place_with_data_intact(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    shutil.copy(FOUNDATION_DB, path)
+    url = f"sqlite:///{path}"
+    assert db.current_revision(db.open_engine(url, upgrade=False)) == "0001_foundation"
+
+    registry = Registry(url, tmp_path / "store")  # upgrades on open
+    assert db.current_revision(registry.engine) == db.head_revisions()[0]
+    assert [e.name for e in registry.list_experts()] == ["classify", "summarize"]
+    old = registry.list_versions("summarize")
+    assert [(v.version, v.archived, v.created_by) for v in old] == [
+        (1, False, "founder@host"),
+        (2, False, "founder@host"),
+    ]
+    assert old[1].metrics == {"best_val_loss": 1.3} and old[1].parent_version == 1
+    assert registry.get_version("summarize", 1).files[0].relpath == "adapter_config.json"
+    assert registry.latest_router().experts == {"summarize": "summarize@2"}  # type: ignore[union-attr]
+    assert registry.resolve("summarize").version == 2
+
+    # New features work on the upgraded data, and new versions continue the numbering.
+    registry.promote("summarize@1", "prod")
+    assert registry.resolve("summarize").version == 1
+    created = registry.register_run(make_run_dir(tmp_path / "run")).experts
+    assert [v.ref for v in created] == ["classify@3", "summarize@3"]
+    with registry.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM expert_versions")).scalar() == 6
+
+
+def test_downgrade_to_foundation_and_back(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url, tmp_path / "store")
+    registry.register_run(make_run_dir(tmp_path / "run"))
+    from alembic import command
+
+    config = db._alembic_config()
+    with registry.engine.connect() as connection, connection.begin():
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001_foundation")
+        config.attributes.pop("connection")
+    assert db.current_revision(registry.engine) == "0001_foundation"
+    registry = Registry(url, tmp_path / "store")
+    assert registry.resolve("summarize@1").sha256
