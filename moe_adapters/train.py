@@ -1,0 +1,636 @@
+"""Train one LoRA expert per task in a single run over one base model (or one multitask LoRA).
+
+Each step the :class:`~moe_adapters.sampling.TaskSampler` draws a task; that task's adapter is activated
+and updated with its own AdamW state and its own warmup + cosine schedule. Replay rows are mixed into
+every batch. Experts are evaluated on their validation rows every ``eval_every`` of their own steps,
+stop early after ``patience`` evaluations without improvement (and are no longer sampled), and keep
+their best weights. Checkpoints are atomic and ``resume=True`` continues bit-for-bit.
+
+Speed on a small model: batches are length-bucketed (little padding), the LM head and the loss run only
+on response positions (prompt logits are never computed), and losses are read back from the device only
+every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
+from moe_adapters.config import MixtureConfig, load_mixture, mixture_yaml
+from moe_adapters.data import IGNORE_INDEX, BucketBatcher, Example, MixtureData, collate, load_mixture_data
+from moe_adapters.sampling import TaskSampler, temperature_probabilities
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+MULTITASK_NAME = "multitask"
+_ADAPTER_PREFIX = "expert_"  # PEFT warns about adapter names that are substrings of "lora_"
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says how to fix it."""
+
+
+@dataclass
+class ExpertState:
+    """Optimizer, schedule and bookkeeping of one adapter."""
+
+    name: str
+    tasks: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[torch.nn.Parameter]
+    steps: int = 0
+    tokens: int = 0
+    step_time_s: float = 0.0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    last_eval_step: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> str:
+        """PEFT adapter name."""
+        return _ADAPTER_PREFIX + self.name
+
+    def counters(self) -> dict[str, Any]:
+        """Plain-data part of the state (for checkpoints)."""
+        keys = (
+            "steps",
+            "tokens",
+            "step_time_s",
+            "best_val_loss",
+            "evals_without_improvement",
+            "stopped_early",
+            "last_eval_step",
+            "train_curve",
+            "val_curve",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Trainer:
+    """Everything the training loop touches; built by :func:`train_mixture`."""
+
+    config: MixtureConfig
+    data: MixtureData
+    model: Any
+    pad_id: int
+    device: torch.device
+    experts: dict[str, ExpertState]
+    expert_of_task: dict[str, str]
+    sampler: TaskSampler
+    batchers: dict[str, BucketBatcher]
+    replay_examples: list[Example]
+    replay_batcher: BucketBatcher | None
+    global_step: int = 0
+    train_time_s: float = 0.0
+    pending: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+    active_adapter: str | None = None
+
+
+def train_mixture(
+    mixture_path: Path,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    single_adapter: bool = False,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train all experts of ``mixture_path`` into run dir ``out_dir`` (see CONTRACTS.md) and return it.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (a fresh start if there is none);
+    ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router);
+    ``overrides`` are dotted mixture keys, e.g. ``{"train.max_steps": 20}``.
+    """
+    wall_start = time.perf_counter()
+    config = load_mixture(mixture_path, overrides)
+    out_dir = Path(out_dir).expanduser().resolve()
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if not resume and (checkpoint.exists() or (out_dir / "run.json").exists()):
+        raise TrainError(
+            f"{out_dir} already holds a run: pass resume=True (--resume) or choose a new out dir"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
+    tokenizer = _load_tokenizer(base_path)
+    data = load_mixture_data(config, tokenizer)
+    expert_tasks = [t.name for t in config.expert_tasks]
+    probabilities = temperature_probabilities(
+        {t: data.sizes()[t] for t in expert_tasks}, config.sampling.temperature, config.sampling.cap
+    )
+    mixture_text = mixture_yaml(config, probabilities)
+    mixture_sha = hashlib.sha256(mixture_text.encode() + str(single_adapter).encode()).hexdigest()
+    saved = read_checkpoint(checkpoint, mixture_sha) if resume and checkpoint.exists() else None
+    (out_dir / "mixture.yaml").write_text(mixture_text)
+    torch.set_num_threads(choose_num_threads(config.train.num_threads))
+    torch.manual_seed(config.train.seed)
+    trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter)
+    if saved is not None:
+        load_checkpoint(trainer, saved)
+    elif resume:
+        warnings.warn(f"resume=True but {checkpoint} does not exist: starting from step 0", stacklevel=2)
+    run_training(trainer, out_dir, mixture_sha, progress=progress)
+    finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
+    checkpoint.unlink(missing_ok=True)
+    return out_dir
+
+
+def _load_tokenizer(base_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise TrainError(f"{base_path} has no chat template: use an instruct/chat base model")
+    return tokenizer
+
+
+def choose_num_threads(configured: int | None = None) -> int:
+    """Intra-op threads: ``configured``, else one per CPU of this process not busy with other work.
+
+    Profiled on a 2-core machine shared with other jobs: 2 OpenMP threads were 4-25x slower per step
+    than 1 (threads spin at barriers waiting for a descheduled peer), so oversubscription is avoided.
+    """
+    if configured:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA (bf16 weights) when available, else CPU in fp32 (bf16 LoRA training on CPU is ~10x slower)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def build_trainer(
+    config: MixtureConfig,
+    data: MixtureData,
+    base_path: str,
+    tokenizer: Any,
+    probabilities: dict[str, float],
+    single_adapter: bool,
+) -> Trainer:
+    """Load the base once, add one adapter per expert and set up optimizers, schedules and batchers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = pick_device()
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    model.config.use_cache = False
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = config.lora
+    lora_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    tasks = list(probabilities)
+    groups = {MULTITASK_NAME: tasks} if single_adapter else {t: [t] for t in tasks}
+    names = list(groups)
+    peft_model = get_peft_model(model, lora_config, adapter_name=_ADAPTER_PREFIX + names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(_ADAPTER_PREFIX + name, lora_config)
+    peft_model.train()
+    experts = {}
+    for name, members in groups.items():
+        params = [p for n, p in peft_model.named_parameters() if f".{_ADAPTER_PREFIX}{name}." in n]
+        expected = max(1, round(config.train.max_steps * sum(probabilities[t] for t in members)))
+        # fused: one kernel for all of an adapter's tensors instead of ~10 ops per tensor.
+        optimizer = torch.optim.AdamW(
+            params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True
+        )
+        schedule = warmup_cosine(config.train.warmup_steps, expected)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        experts[name] = ExpertState(name, members, optimizer, scheduler, params)
+    replay = [ex for t in config.replay_tasks for ex in data.tasks[t.name].train_examples]
+    bs = config.train.batch_size
+    n_replay = min(bs - 1, round(bs * config.train.replay_share)) if replay else 0
+    seed = config.train.seed
+    return Trainer(
+        config=config,
+        data=data,
+        model=peft_model,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        experts=experts,
+        expert_of_task={t: name for name, members in groups.items() for t in members},
+        sampler=TaskSampler(probabilities, seed=config.sampling.seed),
+        batchers={
+            t: BucketBatcher(
+                [len(e.input_ids) for e in data.tasks[t].train_examples],
+                config.train.batch_size - n_replay,
+                seed=hash_seed(seed, t),
+            )
+            for t in tasks
+        },
+        replay_examples=replay,
+        replay_batcher=BucketBatcher([len(e.input_ids) for e in replay], n_replay, hash_seed(seed, "replay"))
+        if n_replay
+        else None,
+    )
+
+
+def hash_seed(seed: int, name: str) -> int:
+    """Stable per-name seed (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Callable[[int], float]:
+    """LR factor: linear warmup, then cosine decay to ``floor`` at ``total_steps`` (held after)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, number of target tokens): the LM head runs on response positions only."""
+    causal_lm = model.base_model.model  # the transformers model with LoRA layers injected in place
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    count = keep.sum()
+    return F.cross_entropy(logits.float(), targets[keep]), count
+
+
+def _activate(trainer: Trainer, expert: ExpertState) -> None:
+    if trainer.active_adapter != expert.adapter:
+        trainer.model.base_model.set_adapter(expert.adapter)
+        trainer.active_adapter = expert.adapter
+
+
+def train_step(trainer: Trainer) -> tuple[str, int]:
+    """One optimizer step on the expert of a sampled task; returns (task, tokens in the batch)."""
+    task = trainer.sampler.sample()
+    expert = trainer.experts[trainer.expert_of_task[task]]
+    examples = [trainer.data.tasks[task].train_examples[i] for i in next(trainer.batchers[task])]
+    if trainer.replay_batcher is not None:
+        examples += [trainer.replay_examples[i] for i in next(trainer.replay_batcher)]
+    tokens = sum(len(e.input_ids) for e in examples)
+    batch = {k: v.to(trainer.device, non_blocking=True) for k, v in collate(examples, trainer.pad_id).items()}
+    _activate(trainer, expert)
+    start = time.perf_counter()
+    loss, _ = response_loss(trainer.model, batch)
+    loss.backward()
+    if trainer.config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(expert.params, trainer.config.train.grad_clip, foreach=True)
+    expert.optimizer.step()
+    expert.scheduler.step()
+    expert.optimizer.zero_grad(set_to_none=True)
+    expert.step_time_s += time.perf_counter() - start
+    expert.steps += 1
+    expert.tokens += tokens
+    trainer.global_step += 1
+    trainer.pending.append((trainer.global_step, expert.name, loss.detach()))
+    return task, tokens
+
+
+def flush_losses(trainer: Trainer) -> float | None:
+    """Read pending losses back from the device (one sync) into the curves; return the latest loss."""
+    if not trainer.pending:
+        return None
+    values = torch.stack([loss for _, _, loss in trainer.pending]).float().tolist()
+    for (step, name, _), value in zip(trainer.pending, values, strict=True):
+        trainer.experts[name].train_curve.append((step, value))
+    trainer.pending.clear()
+    return values[-1]
+
+
+@torch.no_grad()
+def evaluate_expert(trainer: Trainer, expert: ExpertState) -> float:
+    """Token-weighted validation loss of ``expert`` on (at most ``eval_batches`` batches of) its val rows."""
+    bs = trainer.config.train.batch_size
+    examples = [ex for t in expert.tasks for ex in trainer.data.tasks[t].val_examples]
+    if not examples:
+        return math.nan
+    examples = sorted(
+        examples[: bs * max(1, trainer.config.train.eval_batches)], key=lambda e: len(e.input_ids)
+    )
+    _activate(trainer, expert)
+    trainer.model.eval()
+    total = torch.zeros((), device=trainer.device)
+    count = torch.zeros((), device=trainer.device)
+    for i in range(0, len(examples), bs):
+        batch = {k: v.to(trainer.device) for k, v in collate(examples[i : i + bs], trainer.pad_id).items()}
+        loss, n = response_loss(trainer.model, batch)
+        total += loss * n
+        count += n
+    trainer.model.train()
+    return float(total / count)
+
+
+def record_eval(trainer: Trainer, expert: ExpertState) -> None:
+    """Evaluate, keep best weights, and stop the expert after ``patience`` evals without improvement."""
+    from peft import get_peft_model_state_dict
+
+    val = evaluate_expert(trainer, expert)
+    expert.last_eval_step = expert.steps
+    if math.isnan(val):
+        return
+    expert.val_curve.append((trainer.global_step, val))
+    if val < expert.best_val_loss - 1e-6:
+        expert.best_val_loss = val
+        expert.evals_without_improvement = 0
+        state = get_peft_model_state_dict(trainer.model, adapter_name=expert.adapter)
+        expert.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return
+    expert.evals_without_improvement += 1
+    patience = trainer.config.train.patience
+    if patience and expert.evals_without_improvement >= patience and not expert.stopped_early:
+        expert.stopped_early = True
+        for task in expert.tasks:
+            trainer.sampler.remove(task)
+
+
+def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress: bool = True) -> None:
+    """The step loop with progress bar, periodic eval, early stopping and checkpoints."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tr = trainer.config.train
+    columns = [
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    ]
+    window_tokens, window_start = 0, time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        bar_id = bar.add_task("train", total=tr.max_steps, completed=trainer.global_step, info="")
+        while trainer.global_step < tr.max_steps and len(trainer.sampler) > 0:
+            start = time.perf_counter()
+            task, tokens = train_step(trainer)
+            trainer.train_time_s += time.perf_counter() - start
+            window_tokens += tokens
+            expert = trainer.experts[trainer.expert_of_task[task]]
+            if tr.eval_every and expert.steps % tr.eval_every == 0:
+                record_eval(trainer, expert)
+            step = trainer.global_step
+            if tr.log_every and step % tr.log_every == 0 or step == tr.max_steps:
+                loss = flush_losses(trainer)
+                elapsed = max(1e-9, time.perf_counter() - window_start)
+                info = f"task={task} loss={loss:.3f} {window_tokens / elapsed:,.0f} tok/s"
+                bar.update(bar_id, completed=step, info=info)
+                window_tokens, window_start = 0, time.perf_counter()
+            else:
+                bar.update(bar_id, completed=step)
+            if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.max_steps:
+                save_checkpoint(trainer, out_dir / CHECKPOINT_NAME, mixture_sha)
+    flush_losses(trainer)
+    for expert in trainer.experts.values():
+        if expert.last_eval_step != expert.steps or expert.best_state is None:
+            record_eval(trainer, expert)
+
+
+def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
+    """Write every piece of training state to ``path`` atomically (temp file + rename)."""
+    from peft import get_peft_model_state_dict
+
+    flush_losses(trainer)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "mixture_sha256": mixture_sha,
+        "global_step": trainer.global_step,
+        "train_time_s": trainer.train_time_s,
+        "sampler": trainer.sampler.state_dict(),
+        "batchers": {t: b.state_dict() for t, b in trainer.batchers.items()},
+        "replay_batcher": trainer.replay_batcher.state_dict() if trainer.replay_batcher else None,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "experts": {
+            name: {
+                "adapter": get_peft_model_state_dict(trainer.model, adapter_name=e.adapter),
+                "optimizer": e.optimizer.state_dict(),
+                "scheduler": e.scheduler.state_dict(),
+                "best_state": e.best_state,
+                "counters": e.counters(),
+            }
+            for name, e in trainer.experts.items()
+        },
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: Path, mixture_sha: str) -> dict[str, Any]:
+    """Load ``path``; refuse a checkpoint written for other settings (resuming it would not be exact)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("mixture_sha256") != mixture_sha:
+        raise TrainError(
+            f"{path} was written for a different mixture/overrides: rerun with the same "
+            "settings, or delete the checkpoint to start over"
+        )
+    return state
+
+
+def load_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Restore adapters, optimizers, schedules, sampler, batch order, RNG and counters from a checkpoint."""
+    from peft import set_peft_model_state_dict
+
+    for name, saved in state["experts"].items():
+        expert = trainer.experts[name]
+        set_peft_model_state_dict(trainer.model, saved["adapter"], adapter_name=expert.adapter)
+        expert.optimizer.load_state_dict(saved["optimizer"])
+        expert.scheduler.load_state_dict(saved["scheduler"])
+        expert.best_state = saved["best_state"]
+        for key, value in saved["counters"].items():
+            setattr(expert, key, [tuple(p) for p in value] if key.endswith("_curve") else value)
+    trainer.sampler.load_state_dict(state["sampler"])
+    for task, batcher_state in state["batchers"].items():
+        trainer.batchers[task].load_state_dict(batcher_state)
+    if trainer.replay_batcher is not None and state["replay_batcher"] is not None:
+        trainer.replay_batcher.load_state_dict(state["replay_batcher"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    trainer.global_step = state["global_step"]
+    trainer.train_time_s = state["train_time_s"]
+
+
+def save_expert(trainer: Trainer, expert: ExpertState, folder: Path, base_path: str) -> None:
+    """Write the expert's best weights as a standard PEFT adapter directly in ``folder`` (atomic)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if expert.best_state is not None:
+        set_peft_model_state_dict(trainer.model, expert.best_state, adapter_name=expert.adapter)
+    # PEFT's save_pretrained nests non-default adapters in sub-folders; write the two files ourselves.
+    weights = get_peft_model_state_dict(trainer.model, adapter_name=expert.adapter)
+    lora_config = copy.deepcopy(trainer.model.peft_config[expert.adapter])
+    lora_config.base_model_name_or_path = base_path
+    lora_config.inference_mode = True
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        lora_config.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def expert_metrics(trainer: Trainer) -> dict[str, dict[str, Any]]:
+    """metrics.json ``experts`` section."""
+    out = {}
+    for name, e in trainer.experts.items():
+        tail = [v for _, v in e.train_curve[-max(1, trainer.config.train.log_every) :]]
+        out[name] = {
+            "steps": e.steps,
+            "best_val_loss": None if math.isinf(e.best_val_loss) else e.best_val_loss,
+            "final_train_loss": sum(tail) / len(tail) if tail else None,
+            "stopped_early": e.stopped_early,
+            "train_tokens": e.tokens,
+            "tokens_per_s": e.tokens / e.step_time_s if e.step_time_s else 0.0,
+            "tasks": e.tasks,
+        }
+    return out
+
+
+def throughput(trainer: Trainer) -> dict[str, float]:
+    """Training throughput: tokens (incl. prompt, excl. padding) per second of step time."""
+    tokens = sum(e.tokens for e in trainer.experts.values())
+    return {
+        "tokens_per_s": tokens / trainer.train_time_s if trainer.train_time_s else 0.0,
+        "train_tokens": tokens,
+        "step_time_s": trainer.train_time_s,
+        "steps": trainer.global_step,
+    }
+
+
+def finalize_run(
+    trainer: Trainer, out_dir: Path, base_path: str, mixture_sha: str, single_adapter: bool, wall_s: float
+) -> None:
+    """Write experts/, router/, metrics.json, train_curves.png and (last, as completion marker) run.json."""
+    from moe_adapters.plots import plot_training_curves
+
+    for name, expert in trainer.experts.items():
+        save_expert(trainer, expert, out_dir / "experts" / name, base_path)
+    metrics: dict[str, Any] = {
+        "experts": expert_metrics(trainer),
+        "train": {
+            **throughput(trainer),
+            "wall_s": wall_s,
+            "device": str(trainer.device),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "data": {
+            n: {
+                "rows_loaded": t.rows_loaded,
+                "duplicates_dropped": t.duplicates_dropped,
+                "train": len(t.train),
+                "val": len(t.val),
+                "test": len(t.test),
+            }
+            for n, t in trainer.data.tasks.items()
+        },
+    }
+    if not single_adapter and trainer.config.router.enabled:
+        metrics["router"] = train_router_for_run(trainer, out_dir, base_path)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_training_curves(
+        {n: e.train_curve for n, e in trainer.experts.items()},
+        {n: e.val_curve for n, e in trainer.experts.items()},
+        out_dir / "train_curves.png",
+    )
+    run = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_path,
+        "base_model_name": DEFAULT_BASE_NAME
+        if trainer.config.base_model == "default"
+        else Path(base_path).name,
+        "base_model_sha256": base_model_sha256(base_path),
+        "created_at": datetime.now(UTC).isoformat(),
+        "mixture_sha256": mixture_sha,
+        "git_commit": _git_commit(),
+        "single_adapter": single_adapter,
+        "tasks": {
+            t.name: {"kind": t.kind, "system_prompt": t.system_prompt} for t in trainer.config.expert_tasks
+        },
+    }
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+
+def train_router_for_run(trainer: Trainer, out_dir: Path, base_path: str) -> dict[str, Any]:
+    """Train the router on the experts' raw prompts (skipped with a warning if router.py is absent)."""
+    try:
+        from moe_adapters.router import train_router
+    except ModuleNotFoundError as exc:
+        if exc.name != "moe_adapters.router":
+            raise
+        warnings.warn("moe_adapters.router is not available: run saved without a router", stacklevel=2)
+        return {"skipped": "moe_adapters.router not available"}
+    tasks = [t.name for t in trainer.config.expert_tasks]
+    train = {t: [r.prompt for r in trainer.data.tasks[t].train] for t in tasks}
+    val = {t: [r.prompt for r in trainer.data.tasks[t].val] for t in tasks}
+    # Replay prompts are general requests: good out-of-scope examples that should go to the base model.
+    negatives = [r.prompt for t in trainer.config.replay_tasks for r in trainer.data.tasks[t.name].train]
+    return train_router(
+        train, val, out_dir / "router", trainer.config.router, base_model=base_path, negatives=negatives
+    )
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None

@@ -1,0 +1,260 @@
+"""`moea eval`: planning, reports, compare, and a real tiny eval (real base model, PEFT adapters, vLLM)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moe_adapters.eval_cli import eval_command
+from moe_adapters.evaluate import (
+    EvalError,
+    EvalSettings,
+    _Case,
+    _plan,
+    _router_report,
+    _score,
+    compare_markdown,
+    evaluate_run,
+    load_eval,
+    render_markdown,
+    write_reports,
+)
+
+# ------------------------------------------------------------------------------ pure planning/scoring
+
+
+def _cases() -> list[_Case]:
+    return [
+        _Case("math", "math", "1+1?", None, "2", False),
+        _Case("math", "math", "2+2?", None, "4", False),
+        _Case("tone", "classification", "great!", None, "positive", False),
+        _Case("general", "generation", "hi", None, "hello", True),
+    ]
+
+
+def test_plan_shares_identical_generations_and_skips_oracle_for_replay() -> None:
+    cases = _cases()
+    routes = ["math", None, "math", "tone"]  # row 1 abstains, row 2 misrouted, replay row routed
+    experts = {"math": Path("m"), "tone": Path("t")}
+    plan = _plan(
+        cases, routes, experts, None, EvalSettings(systems=("base", "oracle", "moe", "multitask", "random"))
+    )
+    assert set(plan.systems) == {"base", "oracle", "moe", "random"}  # no multitask adapter → skipped
+    assert plan.systems["moe"][0] == plan.systems["oracle"][0]  # routed right = same request as oracle
+    assert plan.systems["moe"][1] == plan.systems["base"][1]  # abstain = base
+    assert plan.requests[plan.systems["moe"][2]] == ("math", 2)
+    assert plan.systems["oracle"][3] == -1 and plan.systems["random"][3] == -1  # replay: base vs moe only
+    assert len(plan.requests) == len(set(plan.requests))
+
+
+def test_score_and_router_report_from_known_outputs() -> None:
+    cases = _cases()
+    routes = ["math", None, "math", None]
+    plan = _plan(
+        cases,
+        routes,
+        {"math": Path("m"), "tone": Path("t")},
+        None,
+        EvalSettings(systems=("base", "oracle", "moe")),
+    )
+    outputs = {
+        ("math", 0): "= 2",
+        (None, 0): "3",
+        (None, 1): "4",
+        ("math", 1): "4",
+        ("tone", 2): "positive",
+        (None, 2): "negative",
+        ("math", 2): "7",
+        (None, 3): "hello",
+    }
+    texts = [outputs[key] for key in plan.requests]
+    report = _score(cases, routes, plan, texts, ["math", "tone"])
+    math_scores = {s: m["score"] for s, m in report["tasks"]["math"]["systems"].items()}
+    assert math_scores == {"base": 0.5, "oracle": 1.0, "moe": 1.0}
+    tone_scores = {s: m["score"] for s, m in report["tasks"]["tone"]["systems"].items()}
+    assert tone_scores == {"base": 0.0, "oracle": 1.0, "moe": 0.0}  # misrouted to math
+    assert report["summary"]["moe_vs_oracle"] == {"math": 1.0, "tone": 0.0}
+    assert set(report["general"]["general"]["systems"]) == {"base", "moe"}
+    router = report["router"]
+    assert router["rows"] == ["math", "tone", "general"] and router["columns"] == ["math", "tone", "base"]
+    assert router["confusion"] == [[1, 0, 1], [1, 0, 0], [0, 0, 1]]
+    assert router["accuracy"] == pytest.approx(1 / 3)
+    assert router["abstain_rate"] == pytest.approx(1 / 3)
+    assert router["wrong_route_rate"] == pytest.approx(1 / 2)
+    assert _router_report(cases, [None] * 4, ["math", "tone"])["abstain_rate"] == 1.0
+
+
+def test_reports_compare_and_cli(tmp_path: Path) -> None:
+    cases = _cases()
+    routes = ["math", "math", "tone", None]
+    plan = _plan(
+        cases,
+        routes,
+        {"math": Path("m"), "tone": Path("t")},
+        None,
+        EvalSettings(systems=("base", "oracle", "moe")),
+    )
+    report = _score(cases, routes, plan, ["2"] * len(plan.requests), ["math", "tone"])
+    report["run_dir"] = "runA"
+    paths = write_reports(report, tmp_path / "a")
+    assert all(p.is_file() for p in paths.values()) and {"scores_png", "confusion_png"} <= set(paths)
+    markdown = (tmp_path / "a" / "eval.md").read_text()
+    assert "| math | math | 2 |" in markdown and "Router confusion" in markdown
+    assert render_markdown(report) == markdown
+    other = json.loads(json.dumps(report))
+    other["tasks"]["math"]["systems"]["moe"]["score"] = 0.0
+    table = compare_markdown(load_eval(tmp_path / "a"), other)
+    assert "| math | moe | 0.500 | 0.000 | -0.500 |" in table
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "eval.json").write_text(json.dumps(other))
+    result = CliRunner().invoke(eval_command, ["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "-0.500" in result.output
+    with pytest.raises(EvalError, match="run `moea eval"):
+        load_eval(tmp_path / "missing")
+    assert CliRunner().invoke(eval_command, []).exit_code != 0
+
+
+def test_eval_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="run.json not found"):
+        evaluate_run(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- real tiny eval
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tiny_run(root: Path) -> Path:
+    """A real run dir: 2 PEFT experts on the real base (math: identity LoRA, tone: random LoRA),
+    a MiniLM router trained on the task prompts, the mixture and run.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from moe_adapters.base_model import resolve_base_model
+    from moe_adapters.router import RouterSettings, train_router
+
+    rng = random.Random(0)
+    base = resolve_base_model()
+    data = root / "data"
+    data.mkdir(parents=True)
+    math_rows = []
+    for _ in range(40):
+        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        math_rows.append(
+            {
+                "prompt": f"Sam has {a} apples and buys {b} more. How many apples now?",
+                "response": f"{a} + {b} = {a + b}",
+            }
+        )
+    tone_rows = []
+    for _ in range(40):
+        good = rng.random() < 0.5
+        thing = rng.choice(["phone", "hotel", "movie", "chair", "course"])
+        verdict = rng.choice(
+            ["was wonderful", "exceeded expectations"] if good else ["was terrible", "broke at once"]
+        )
+        tone_rows.append(
+            {
+                "prompt": f"Review: the {thing} {verdict}. Sentiment?",
+                "response": "positive" if good else "negative",
+            }
+        )
+    general_rows = [{"prompt": f"Name a colour number {i}.", "response": "Blue."} for i in range(12)]
+    _write_jsonl(data / "math.jsonl", math_rows)
+    _write_jsonl(data / "tone.jsonl", tone_rows)
+    _write_jsonl(data / "general.jsonl", general_rows)
+    run = root / "run"
+    mixture = {
+        "name": "tiny",
+        "base_model": base,
+        "splits": {"train": 0.7, "val": 0.1, "test": 0.2, "seed": 1},
+        "tasks": [
+            {
+                "name": "math",
+                "files": [str(data / "math.jsonl")],
+                "kind": "math",
+                "system_prompt": "Solve it.",
+            },
+            {
+                "name": "tone",
+                "files": [str(data / "tone.jsonl")],
+                "kind": "classification",
+                "system_prompt": "Answer positive or negative.",
+            },
+            {"name": "general", "files": [str(data / "general.jsonl")], "kind": "generation", "replay": True},
+        ],
+    }
+    run.mkdir()
+    import yaml
+
+    (run / "mixture.yaml").write_text(yaml.safe_dump(mixture))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for name, identity in (("math", True), ("tone", False)):
+        config = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=identity,
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, config)
+        peft_model.save_pretrained(run / "experts" / name)
+        model = peft_model.unload()
+    train_router(
+        {"math": [r["prompt"] for r in math_rows[:30]], "tone": [r["prompt"] for r in tone_rows[:30]]},
+        {"math": [r["prompt"] for r in math_rows[30:]], "tone": [r["prompt"] for r in tone_rows[30:]]},
+        run / "router",
+        RouterSettings(encoder="minilm", heads=("linear",)),
+        negatives=[r["prompt"] for r in general_rows],
+    )
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "base_model": base,
+                "base_model_name": "SmolLM2-135M-Instruct",
+                "tasks": {
+                    "math": {"kind": "math", "system_prompt": "Solve it."},
+                    "tone": {"kind": "classification", "system_prompt": "Answer positive or negative."},
+                },
+            }
+        )
+    )
+    return run
+
+
+@pytest.mark.slow
+def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
+    run = _tiny_run(tmp_path)
+    report = evaluate_run(run, settings=EvalSettings(max_new_tokens=12, max_examples_per_task=6))
+    for name in ("eval.json", "eval.md", "eval_scores.png", "eval_confusion.png"):
+        assert (run / name).is_file(), name
+    assert set(report["tasks"]) == {"math", "tone"} and set(report["general"]) == {"general"}
+    for task in report["tasks"].values():
+        assert set(task["systems"]) == {"base", "oracle", "moe", "random"}
+    assert set(report["general"]["general"]["systems"]) == {"base", "moe"}
+    math_examples = report["tasks"]["math"]["examples"]
+    # The math expert is an identity LoRA (B = 0): through vLLM's LoRA path it must answer like the base.
+    # (Only the start is compared: bf16 kernels differ between LoRA and plain layers, which can flip a
+    # near-tie token later on; a mis-applied adapter changes the answer from the first words.)
+    assert all(e["outputs"]["oracle"].split()[:3] == e["outputs"]["base"].split()[:3] for e in math_examples)
+    # The tone expert is a random LoRA: if vLLM applied it, its answers differ from the base.
+    tone_examples = report["tasks"]["tone"]["examples"]
+    assert any(e["outputs"]["oracle"] != e["outputs"]["base"] for e in tone_examples)
+    counts = report["router"]["confusion"]
+    assert [sum(row) for row in counts] == [
+        report["tasks"]["math"]["n"],
+        report["tasks"]["tone"]["n"],
+        report["general"]["general"]["n"],
+    ]
+    assert report["generation"]["unique_requests"] < report["generation"]["scored_rows"]
+    assert json.loads((run / "eval.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
