@@ -156,10 +156,17 @@ def measure(mixture_rel: str, plan: dict[str, Any], devices: list[str]) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = standard_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = standard_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy CPU)."
+    )
+    args = parser.parse_args(argv)
     size = mode(args)
     plan = SIZES[size]
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = [measure(m, plan, devices) for m in plan["mixtures"]]
