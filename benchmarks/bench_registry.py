@@ -2,10 +2,14 @@
 
 Registers N tiny run dirs (one expert each, fresh content) into a fresh SQLite registry, then resolves
 `name`, `name@prod` and `name@<version>` 10,000 times and polls `state_token()` like the gateway does.
-Baseline measured in the same run: a raw sqlite3 primary-key SELECT on the same file, so the printed
-ratio says how much the registry adds over the database itself. Writes benchmarks/results/registry.json.
+Also times `latest_router()` (the gateway polls it with the state token) and reading an A/B
+experiment back (`experiment_requests` / `experiment_outcomes` over `--log-rows` logged requests and
+outcomes, as `moea ab report` does). Baseline measured in the same run: a raw sqlite3 primary-key
+SELECT on the same file, so the printed ratio says how much the registry adds over the database
+itself. Writes benchmarks/results/registry.json (`--quick`: registry-quick.json).
 
-    .venv/bin/python benchmarks/bench_registry.py [--registers 1000] [--resolves 10000]
+    .venv/bin/python benchmarks/bench_registry.py [--registers 1000] [--resolves 10000] [--log-rows 50000]
+    .venv/bin/python benchmarks/bench_registry.py --quick   # 200 registers, 3,000 resolves, ~30 s
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "registry"))
 from helpers import make_run_dir  # noqa: E402
 
 from registry import db  # noqa: E402
+from registry.models import OutcomeRecord, RequestRecord, utcnow  # noqa: E402
 from registry.service import Registry  # noqa: E402
 
 
@@ -48,12 +53,50 @@ def _time_calls(fn, count: int) -> list[float]:  # type: ignore[no-untyped-def]
     return samples
 
 
+def _time_best(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Fastest of `repeats` calls in seconds (bulk reads: the minimum is the least noisy estimate)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _log_experiment(registry: Registry, rows: int) -> int:
+    """Start an experiment on `bench` and log `rows` requests and outcomes under it; returns its id."""
+    experiment = registry.start_experiment("bench", [(1, 1.0), (2, 1.0)], metric="reward")
+    now = utcnow()
+    for start in range(0, rows, 10_000):
+        ids = [f"req-{i}" for i in range(start, min(rows, start + 10_000))]
+        registry.log_requests(
+            [
+                RequestRecord(
+                    f, now, "bench", 1 + i % 2, experiment.id, f"u{i % 97}", True, 12.5, 20, 30, 200
+                )
+                for i, f in enumerate(ids)
+            ]
+        )
+        registry.record_outcomes(
+            [OutcomeRecord(f, now, reward=float(i % 2), thumbs=None) for i, f in enumerate(ids)]
+        )
+    return experiment.id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registers", type=int, default=1000)
-    parser.add_argument("--resolves", type=int, default=10_000)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "registry.json")
+    parser.add_argument("--registers", type=int, default=None, help="run dirs to register (default 1000)")
+    parser.add_argument("--resolves", type=int, default=None, help="timed resolves (default 10,000)")
+    parser.add_argument(
+        "--log-rows", type=int, default=50_000, help="requests+outcomes logged for the A/B read"
+    )
+    parser.add_argument("--quick", action="store_true", help="200 registers, 3,000 resolves (smoke/CI scale)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.registers = args.registers or (200 if args.quick else 1000)
+    args.resolves = args.resolves or (3000 if args.quick else 10_000)
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or results / ("registry-quick.json" if args.quick else "registry.json")
     work = Path(tempfile.mkdtemp(prefix="moea-bench-registry-"))
     registry = Registry(f"sqlite:///{work / 'registry.db'}", work / "store")
 
@@ -63,10 +106,13 @@ def main() -> None:
     ]
     register = _percentiles(_time_calls(lambda i: registry.register_run(runs[i]), args.registers))
     registry.promote(f"bench@{args.registers // 2}", "prod")
+    # one more run carrying a router, so latest_router() has something to return
+    registry.register_run(make_run_dir(work / "runs" / "router", tasks=("bench",), router=True, seed=-1))
 
     refs = ["bench", "bench@prod", f"bench@{args.registers}"]
     resolve = _percentiles(_time_calls(lambda i: registry.resolve(refs[i % 3]), args.resolves))
     token = _percentiles(_time_calls(lambda _i: registry.state_token(), args.resolves))
+    router = _percentiles(_time_calls(lambda _i: registry.latest_router(), args.resolves))
     view = registry.resolve("bench@prod")
     registry.artifact_path(view)
     artifact_path = _percentiles(_time_calls(lambda _i: registry.artifact_path(view), 1000))
@@ -80,6 +126,10 @@ def main() -> None:
             args.resolves,
         )
     )
+    experiment_id = _log_experiment(registry, args.log_rows)
+    requests_s = _time_best(lambda: registry.experiment_requests(experiment_id))
+    outcomes_s = _time_best(lambda: registry.experiment_outcomes(experiment_id))
+    assert len(registry.experiment_requests(experiment_id)) == args.log_rows
     result = {
         "backend": "sqlite (WAL, synchronous=FULL)",
         "registers": args.registers,
@@ -87,6 +137,10 @@ def main() -> None:
         "resolves": args.resolves,
         "resolve": resolve,
         "state_token": token,
+        "latest_router": router,
+        "log_rows": args.log_rows,
+        "experiment_requests_s": requests_s,
+        "experiment_outcomes_s": outcomes_s,
         "artifact_path_cached": artifact_path,
         "baseline_raw_sqlite_pk_select": baseline,
         "resolve_p50_over_baseline": resolve["p50_ms"] / baseline["p50_ms"],
@@ -100,11 +154,15 @@ def main() -> None:
         f"register      p50 {register['p50_ms']:.2f} ms  p95 {register['p95_ms']:.2f} ms  ({args.registers} runs)"
     )
     print(
-        f"resolve       p50 {resolve['p50_ms']:.3f} ms  p99 {resolve['p99_ms']:.3f} ms  "
+        f"resolve       p50 {resolve['p50_ms']:.3f} ms  p95 {resolve['p95_ms']:.3f} ms  p99 {resolve['p99_ms']:.3f} ms  "
         f"({resolve['p50_ms'] / baseline['p50_ms']:.1f}x raw sqlite PK select {baseline['p50_ms']:.3f} ms; target ≤ 1 ms)"
     )
     print(
         f"state_token   p50 {token['p50_ms']:.3f} ms   artifact_path (verified, cached) p50 {artifact_path['p50_ms']:.3f} ms"
+    )
+    print(f"latest_router p50 {router['p50_ms']:.3f} ms  p99 {router['p99_ms']:.3f} ms")
+    print(
+        f"experiment_requests {requests_s:.3f} s  experiment_outcomes {outcomes_s:.3f} s  ({args.log_rows} rows each)"
     )
     print(f"wrote {args.out}")
 
