@@ -577,7 +577,9 @@ def finalize_run(
         },
     }
     if not single_adapter and trainer.config.router.enabled:
+        router_start = time.perf_counter()
         metrics["router"] = train_router_for_run(trainer, out_dir, base_path)
+        metrics["train"]["router_wall_s"] = time.perf_counter() - router_start
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_training_curves(
         {n: e.train_curve for n, e in trainer.experts.items()},

@@ -21,9 +21,9 @@ import socket
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import func, insert, update
+from sqlalchemy import Connection, Row, Table, bindparam, func, insert, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlmodel import Session, col, select
@@ -68,6 +68,84 @@ if TYPE_CHECKING:
 
 DEFAULT_ALIAS = "prod"
 METRICS = ("reward", "thumbs")
+
+# ---------------------------------------------------------------- Core statements of the hot read paths
+# resolve / state_token / latest_router run on every gateway poll and the A/B reads scan tens of
+# thousands of rows, so they bypass the ORM (no identity map, no per-row objects) and use statements
+# built once here; SQLAlchemy's compiled cache then makes each call one cached compile lookup.
+_EXPERTS = cast(Table, Expert.__table__)
+_VERSIONS = cast(Table, ExpertVersion.__table__)
+_ALIASES = cast(Table, Alias.__table__)
+_ROUTERS = cast(Table, RouterVersion.__table__)
+_ROUTER_EXPERTS = cast(Table, RouterExpert.__table__)
+_REQUESTS = cast(Table, RequestLog.__table__)
+_OUTCOMES = cast(Table, Outcome.__table__)
+_STATE = cast(Table, RegistryState.__table__)
+
+_VERSION_OF = (
+    sa_select(
+        *_VERSIONS.c,
+        _EXPERTS.c.name.label("expert_name"),
+        _EXPERTS.c.task_kind.label("expert_task_kind"),
+    )
+    .select_from(_VERSIONS.join(_EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id))
+    .where(_EXPERTS.c.name == bindparam("name"))
+)
+Q_VERSION_NUMBER = _VERSION_OF.where(_VERSIONS.c.version == bindparam("version"))
+Q_VERSION_ALIAS = _VERSION_OF.join(_ALIASES, _ALIASES.c.version_id == _VERSIONS.c.id).where(
+    _ALIASES.c.alias == bindparam("alias")
+)
+Q_VERSION_LATEST = (
+    _VERSION_OF.where(_VERSIONS.c.archived.is_(False)).order_by(_VERSIONS.c.version.desc()).limit(1)
+)
+Q_ALIASES_OF_VERSION = (
+    sa_select(_ALIASES.c.alias)
+    .where(_ALIASES.c.version_id == bindparam("version_id"))
+    .order_by(_ALIASES.c.alias)
+)
+Q_EXPERT_ID = sa_select(_EXPERTS.c.id).where(_EXPERTS.c.name == bindparam("name"))
+Q_STATE = sa_select(_STATE.c.counter).where(_STATE.c.id == 1)
+Q_LATEST_ROUTER = (
+    sa_select(_ROUTERS).where(_ROUTERS.c.archived.is_(False)).order_by(_ROUTERS.c.version.desc()).limit(1)
+)
+Q_ROUTER_LINKS = (
+    sa_select(_ROUTER_EXPERTS.c.label, _EXPERTS.c.name, _VERSIONS.c.version)
+    .select_from(
+        _ROUTER_EXPERTS.join(_VERSIONS, _VERSIONS.c.id == _ROUTER_EXPERTS.c.expert_version_id).join(
+            _EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id
+        )
+    )
+    .where(_ROUTER_EXPERTS.c.router_version_id == bindparam("router_id"))
+    .order_by(_ROUTER_EXPERTS.c.id)
+)
+_REQUEST_FIELDS = (
+    "request_id",
+    "created_at",
+    "expert",
+    "version",
+    "experiment_id",
+    "user",
+    "routed",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "status_code",
+    "shadow",
+)
+Q_EXPERIMENT_REQUESTS = (
+    sa_select(*(_REQUESTS.c[name] for name in _REQUEST_FIELDS))
+    .where(_REQUESTS.c.experiment_id == bindparam("experiment_id"))
+    .order_by(_REQUESTS.c.id)
+)
+Q_EXPERIMENT_OUTCOMES = (
+    sa_select(_OUTCOMES.c.request_id, _OUTCOMES.c.created_at, _OUTCOMES.c.reward, _OUTCOMES.c.thumbs)
+    .where(
+        _OUTCOMES.c.request_id.in_(
+            sa_select(_REQUESTS.c.request_id).where(_REQUESTS.c.experiment_id == bindparam("experiment_id"))
+        )
+    )
+    .order_by(_OUTCOMES.c.id)
+)
 
 
 def default_actor() -> str:
@@ -269,14 +347,32 @@ class Registry:
     def resolve(self, ref: str, include_archived: bool = False) -> ExpertVersionView:
         """`name` (→ alias prod if set, else latest), `name@latest`, `name@<alias>`, `name@3` → a version."""
         parsed = parse_ref(ref)
-        with Session(self.engine) as session:
-            row = self._find_version(session, parsed, ref)
+        with self.engine.connect() as connection:  # one read transaction: a consistent snapshot
+            row = self._find_version_row(connection, parsed, ref)
             if row.archived and not include_archived:
                 raise NotFoundError(
                     f"{parsed.name}@{row.version} is archived; restore it with `moea registry restore "
                     f"{parsed.name}@{row.version}` or pick another version"
                 )
-            return self._view_for(session, row)
+            aliases = list(connection.execute(Q_ALIASES_OF_VERSION, {"version_id": row.id}).scalars())
+        return self._make_view(row.expert_name, row.expert_task_kind, row, aliases)
+
+    def _find_version_row(self, connection: Connection, parsed: Ref, ref: str) -> Row[Any]:
+        """Core twin of `_find_version` for read paths: the version row plus `expert_name`/`expert_task_kind`."""
+        alias = parsed.alias or (None if parsed.latest or parsed.version else DEFAULT_ALIAS)
+        row: Row[Any] | None = None
+        if parsed.version is not None:
+            row = connection.execute(
+                Q_VERSION_NUMBER, {"name": parsed.name, "version": parsed.version}
+            ).first()
+        else:
+            if alias is not None:
+                row = connection.execute(Q_VERSION_ALIAS, {"name": parsed.name, "alias": alias}).first()
+            if row is None and parsed.alias is None:
+                row = connection.execute(Q_VERSION_LATEST, {"name": parsed.name}).first()
+        if row is None:
+            raise NotFoundError(self._not_found_message(connection, parsed, ref))
+        return row
 
     def _find_version(self, session: Session, parsed: Ref, ref: str) -> ExpertVersion:
         base = (
@@ -297,16 +393,17 @@ class Registry:
                 ).first()
             if row is None and parsed.alias is None:
                 row = session.exec(
-                    base.where(col(ExpertVersion.archived).is_(False)).order_by(
-                        col(ExpertVersion.version).desc()
-                    )
+                    base.where(col(ExpertVersion.archived).is_(False))
+                    .order_by(col(ExpertVersion.version).desc())
+                    .limit(1)  # without it the ORM loads every version to return the first
                 ).first()
         if row is None:
-            raise NotFoundError(self._not_found_message(session, parsed, ref))
+            raise NotFoundError(self._not_found_message(session.connection(), parsed, ref))
         return row
 
-    def _not_found_message(self, session: Session, parsed: Ref, ref: str) -> str:
-        if session.exec(select(Expert.id).where(Expert.name == parsed.name)).first() is None:
+    @staticmethod
+    def _not_found_message(connection: Connection, parsed: Ref, ref: str) -> str:
+        if connection.execute(Q_EXPERT_ID, {"name": parsed.name}).first() is None:
             return f"no expert named {parsed.name!r}; see `moea registry list` or register a run first"
         if parsed.alias:
             return f"{ref}: no version holds alias {parsed.alias!r}; set it with `moea registry promote NAME@V --alias {parsed.alias}`"
@@ -388,13 +485,20 @@ class Registry:
         tree = self._tree(session, row.sha256) if with_files else None
         return self._view(expert, row, aliases, tree)
 
-    @staticmethod
+    @classmethod
     def _view(
-        expert: Expert, row: ExpertVersion, aliases: list[str], tree: Tree | None = None
+        cls, expert: Expert, row: ExpertVersion, aliases: list[str], tree: Tree | None = None
     ) -> ExpertVersionView:
+        return cls._make_view(expert.name, expert.task_kind, row, aliases, tree)
+
+    @staticmethod
+    def _make_view(
+        name: str, expert_task_kind: str, row: Any, aliases: list[str], tree: Tree | None = None
+    ) -> ExpertVersionView:
+        """The view of a version; `row` is an ExpertVersion or a Core row with the same column names."""
         task = (row.config or {}).get("task") or {}
         return ExpertVersionView(
-            name=expert.name,
+            name=name,
             version=row.version,
             sha256=row.sha256,
             base_model=row.base_model,
@@ -404,7 +508,7 @@ class Registry:
             archived=bool(row.archived),
             base_model_name=row.base_model_name,
             base_model_sha256=row.base_model_sha256,
-            task_kind=str(task.get("kind") or expert.task_kind),
+            task_kind=str(task.get("kind") or expert_task_kind),
             system_prompt=task.get("system_prompt"),
             config=dict(row.config or {}),
             tags=dict(row.tags or {}),
@@ -442,10 +546,7 @@ class Registry:
     def state_token(self) -> str:
         """Changes whenever anything that affects serving changes (one indexed row read)."""
         with self.engine.connect() as connection:
-            counter = connection.execute(
-                sa_select(RegistryState.counter).where(RegistryState.id == 1)
-            ).scalar_one()
-        return str(counter)
+            return str(connection.execute(Q_STATE).scalar_one())
 
     @staticmethod
     def _bump(session: Session) -> None:
@@ -460,13 +561,12 @@ class Registry:
 
     def latest_router(self) -> RouterVersionView | None:
         """The newest live router version, or None when no run with a router was registered."""
-        with Session(self.engine) as session:
-            row = session.exec(
-                select(RouterVersion)
-                .where(col(RouterVersion.archived).is_(False))
-                .order_by(col(RouterVersion.version).desc())
-            ).first()
-            return self._router_view(session, row) if row else None
+        with self.engine.connect() as connection:
+            row = connection.execute(Q_LATEST_ROUTER).first()
+            if row is None:
+                return None
+            links = connection.execute(Q_ROUTER_LINKS, {"router_id": row.id}).all()
+        return self._make_router_view(row, links)
 
     def get_router(self, version: int) -> RouterVersionView:
         """One router version."""
@@ -485,12 +585,12 @@ class Registry:
     def _router_view(
         self, session: Session, row: RouterVersion, tree: Tree | None = None
     ) -> RouterVersionView:
-        links = session.exec(
-            sa_select(RouterExpert.label, Expert.name, ExpertVersion.version)
-            .join(ExpertVersion, col(ExpertVersion.id) == col(RouterExpert.expert_version_id))
-            .join(Expert, col(Expert.id) == col(ExpertVersion.expert_id))
-            .where(RouterExpert.router_version_id == row.id)
-        ).all()
+        links = session.connection().execute(Q_ROUTER_LINKS, {"router_id": row.id}).all()
+        return self._make_router_view(row, links, tree)
+
+    @staticmethod
+    def _make_router_view(row: Any, links: Sequence[Any], tree: Tree | None = None) -> RouterVersionView:
+        """The view of a router version; `row` is a RouterVersion or a Core row; `links` (label, name, version)."""
         return RouterVersionView(
             version=row.version,
             sha256=row.sha256,
@@ -949,33 +1049,17 @@ class Registry:
 
     def experiment_requests(self, experiment_id: int) -> list[RequestRecord]:
         """Every request logged under the experiment, in insertion order."""
-        with Session(self.engine) as session:
-            rows = session.exec(
-                select(RequestLog).where(RequestLog.experiment_id == experiment_id).order_by(RequestLog.id)
-            ).all()
-            return [
-                RequestRecord(
-                    request_id=r.request_id,
-                    created_at=as_utc(r.created_at),
-                    expert=r.expert,
-                    version=r.version,
-                    experiment_id=r.experiment_id,
-                    user=r.user,
-                    routed=r.routed,
-                    latency_ms=r.latency_ms,
-                    prompt_tokens=r.prompt_tokens,
-                    completion_tokens=r.completion_tokens,
-                    status_code=r.status_code,
-                    shadow=r.shadow,
-                )
-                for r in rows
-            ]
+        with self.engine.connect() as connection:
+            rows = connection.execute(Q_EXPERIMENT_REQUESTS, {"experiment_id": experiment_id}).all()
+        return [
+            RequestRecord(request_id, as_utc(created_at), *rest) for request_id, created_at, *rest in rows
+        ]
 
     def experiment_outcomes(self, experiment_id: int) -> list[OutcomeRecord]:
         """Outcomes whose request was logged under the experiment, in insertion order."""
-        with Session(self.engine) as session:
-            ids = sa_select(RequestLog.request_id).where(RequestLog.experiment_id == experiment_id)
-            rows = session.exec(
-                select(Outcome).where(col(Outcome.request_id).in_(ids)).order_by(Outcome.id)
-            ).all()
-            return [OutcomeRecord(r.request_id, as_utc(r.created_at), r.reward, r.thumbs) for r in rows]
+        with self.engine.connect() as connection:
+            rows = connection.execute(Q_EXPERIMENT_OUTCOMES, {"experiment_id": experiment_id}).all()
+        return [
+            OutcomeRecord(request_id, as_utc(created_at), reward, thumbs)
+            for request_id, created_at, reward, thumbs in rows
+        ]

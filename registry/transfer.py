@@ -6,6 +6,12 @@ blob once. Import trusts nothing in the archive: member names must be exactly `m
 it is copied, every tree hash is recomputed from its file list, and all versions are then recorded in
 one transaction with new version numbers (the source ref is kept in `tags.imported_from`). A version
 whose content (sha256) the target expert already has is skipped, so importing twice is harmless.
+
+Aliases travel too: each version entry lists the aliases it held at export time. Import re-applies an
+alias only when the target expert has no alias of that name yet (it never moves an existing alias), to
+the imported version or, when that content was skipped, to the newest live target version with the
+same sha256; the move is recorded in the alias history with reason "import". Archives written before
+aliases were exported simply carry none.
 """
 
 from __future__ import annotations
@@ -15,17 +21,27 @@ import json
 import re
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func
 from sqlalchemy import select as sa_select
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from . import db
 from .errors import IntegrityError, ValidationError
-from .models import Expert, ExpertVersion, ExpertVersionView, as_utc, parse_ref, utcnow, validate_name
+from .models import (
+    Alias,
+    Expert,
+    ExpertVersion,
+    ExpertVersionView,
+    as_utc,
+    parse_ref,
+    utcnow,
+    validate_alias,
+    validate_name,
+)
 from .store import FileEntry, Tree, file_sha256, tree_hash, validate_relpath
 
 if TYPE_CHECKING:
@@ -37,12 +53,20 @@ _BLOB_MEMBER = re.compile(r"^blobs/([0-9a-f]{64})$")
 MAX_MANIFEST_BYTES = 64 << 20
 
 
+IMPORT_REASON = "import"
+
+
 @dataclass
 class ImportResult:
-    """Versions created by an import and the source refs skipped because their content was already there."""
+    """What an import did.
+
+    `created`: new versions; `skipped`: source refs whose content the target already had;
+    `aliases`: `(name, alias, target version)` for every alias the import set.
+    """
 
     created: list[ExpertVersionView] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    aliases: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 def export_versions(registry: Registry, refs: list[str], out_path: Path) -> dict[str, Any]:
@@ -109,6 +133,7 @@ def _version_entry(view: ExpertVersionView) -> dict[str, Any]:
         "parent_version": view.parent_version,
         "created_at": view.created_at.isoformat(),
         "created_by": view.created_by,
+        "aliases": sorted(view.aliases),
         "files": [{"relpath": f.relpath, "sha256": f.sha256, "size": f.size} for f in view.files],
     }
 
@@ -176,6 +201,11 @@ def _trees(registry: Registry, manifest: dict[str, Any], path: Path) -> dict[tup
                 raise IntegrityError(
                     f"{path}: blob for {name}@{version.get('version')}/{missing[0].relpath} is missing"
                 )
+            aliases = version.get("aliases") or []
+            if not isinstance(aliases, list):
+                raise ValidationError(f"{path}: aliases of {name}@{version.get('version')} must be a list")
+            for alias in aliases:
+                validate_alias(alias)
             trees[(name, int(version["version"]))] = Tree(str(version["sha256"]), entries)
     return trees
 
@@ -207,7 +237,10 @@ def import_archive(registry: Registry, path: Path, actor: str | None = None) -> 
             present = set(
                 session.exec(select(ExpertVersion.sha256).where(ExpertVersion.expert_id == row.id)).all()
             )
+            wanted: dict[str, str] = {}  # alias → sha256 of the version that held it in the source
             for version in expert.get("versions") or []:
+                for alias in version.get("aliases") or []:
+                    wanted[alias] = version["sha256"]
                 source_ref = f"{row.name}@{version['version']}"
                 if version["sha256"] in present:
                     result.skipped.append(source_ref)
@@ -216,9 +249,46 @@ def import_archive(registry: Registry, path: Path, actor: str | None = None) -> 
                 created = _insert_imported(registry, session, row, version, tree, source_ref, actor)
                 present.add(created.sha256)
                 result.created.append(registry._view(row, created, [], tree))
+            result.aliases.extend(_apply_aliases(registry, session, row, wanted, actor))
+        if result.aliases:  # the created views were built before their aliases existed
+            held: dict[tuple[str, int], list[str]] = {}
+            for name, alias, version in result.aliases:
+                held.setdefault((name, version), []).append(alias)
+            result.created = [
+                replace(view, aliases=sorted(held.get((view.name, view.version), [])))
+                for view in result.created
+            ]
         return result
 
     return db.run_transaction(registry.engine, work, retry_conflicts=True)
+
+
+def _apply_aliases(
+    registry: Registry, session: Session, expert: Expert, wanted: dict[str, str], actor: str
+) -> list[tuple[str, str, int]]:
+    """Point each alias in `wanted` (alias → sha256) at the target's version with that content.
+
+    Only aliases the target expert does not have yet are set; an archived or missing target is skipped.
+    """
+    if not wanted:
+        return []
+    existing = set(session.exec(select(Alias.alias).where(Alias.expert_id == expert.id)).all())
+    applied = []
+    for alias, sha256 in sorted(wanted.items()):
+        if alias in existing:
+            continue
+        target = session.exec(
+            select(ExpertVersion)
+            .where(ExpertVersion.expert_id == expert.id, ExpertVersion.sha256 == sha256)
+            .where(col(ExpertVersion.archived).is_(False))
+            .order_by(col(ExpertVersion.version).desc())
+            .limit(1)
+        ).first()
+        if target is None:
+            continue
+        registry._move_alias(session, expert.id, alias, target, "promote", actor, IMPORT_REASON)  # type: ignore[arg-type]
+        applied.append((expert.name, alias, target.version))
+    return applied
 
 
 def _insert_imported(
