@@ -294,12 +294,17 @@ def export_command(
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_common
 def import_command(archive: Path, registry_url: str | None, store_dir: Path | None) -> None:
-    """Import an export tar.gz; every version is hash-checked and gets a new number here."""
+    """Import an export tar.gz; every version is hash-checked and gets a new number here.
+
+    Aliases from the archive are set only where this registry has no alias of that name yet.
+    """
     result = _open(registry_url, store_dir).import_archive(archive)
     for view in result.created:
         click.echo(f"imported {view.tags['imported_from']['ref']} as {view.ref}")
     for ref in result.skipped:
         click.echo(f"skipped {ref} (same content already registered)")
+    for name, alias, version in result.aliases:
+        click.echo(f"set alias {name}@{alias} -> {name}@{version} (from the archive)")
 
 
 @registry_group.command("verify")

@@ -134,3 +134,60 @@ def test_corrupted_blob_in_archive_is_rejected(registry: Registry, run_dir: Path
     with pytest.raises(IntegrityError, match="corrupt"):
         target.import_archive(_tar(tmp_path / "bad.tar.gz", members))
     assert target.list_experts() == []
+
+
+def test_import_reapplies_exported_aliases_only_where_the_target_has_none(
+    registry: Registry, tmp_path: Path
+) -> None:
+    for seed in range(3):
+        registry.register_run(
+            make_run_dir(tmp_path / f"run{seed}", tasks=("summarize",), router=False, seed=seed)
+        )
+    registry.promote("summarize@1", "prod")
+    registry.promote("summarize@2", "canary")
+    archive = tmp_path / "export.tar.gz"
+    manifest = registry.export(["summarize"], archive)
+    assert [v["aliases"] for v in manifest["experts"][0]["versions"]] == [["prod"], ["canary"], []]
+
+    # a fresh target gets both aliases, pointing at the imported copies, with history reason "import"
+    fresh = Registry(f"sqlite:///{tmp_path / 'fresh.db'}", tmp_path / "fresh-store")
+    result = fresh.import_archive(archive, actor="importer")
+    assert sorted(result.aliases) == [("summarize", "canary", 2), ("summarize", "prod", 1)]
+    assert {v.version: v.aliases for v in result.created} == {1: ["prod"], 2: ["canary"], 3: []}
+    assert fresh.resolve("summarize").sha256 == registry.resolve("summarize@prod").sha256
+    assert fresh.resolve("summarize@canary").sha256 == registry.resolve("summarize@canary").sha256
+    events = fresh.history("summarize")
+    assert {(e.alias, e.action, e.from_version, e.to_version, e.reason, e.actor) for e in events} == {
+        ("prod", "promote", None, 1, "import", "importer"),
+        ("canary", "promote", None, 2, "import", "importer"),
+    }
+
+    # an alias the target already has is never moved; a missing one is set on content already present
+    fresh.promote("summarize@3", "prod")
+    fresh.remove_alias("summarize", "canary")
+    again = fresh.import_archive(archive)
+    assert again.created == [] and again.aliases == [("summarize", "canary", 2)]
+    assert fresh.resolve("summarize@prod").version == 3
+    assert fresh.history("summarize")[-1].reason == "import"
+
+    # a target whose own version holds prod keeps it; the imported versions get new numbers
+    local = Registry(f"sqlite:///{tmp_path / 'local.db'}", tmp_path / "local-store")
+    local.register_run(make_run_dir(tmp_path / "local", tasks=("summarize",), router=False, seed=9))
+    local.promote("summarize@1", "prod")
+    result = local.import_archive(archive)
+    assert result.aliases == [("summarize", "canary", 3)]
+    assert local.resolve("summarize").version == 1 and local.resolve("summarize@canary").version == 3
+
+
+def test_import_rejects_invalid_alias_in_manifest(registry: Registry, run_dir: Path, tmp_path: Path) -> None:
+    registry.register_run(run_dir)
+    registry.promote("summarize@1", "prod")
+    archive = tmp_path / "export.tar.gz"
+    registry.export(["summarize@1"], archive)
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    members["manifest.json"] = members["manifest.json"].replace(b'"prod"', b'"../Evil"')
+    target = Registry(f"sqlite:///{tmp_path / 't.db'}", tmp_path / "t-store")
+    with pytest.raises(ValidationError, match="invalid alias"):
+        target.import_archive(_tar(tmp_path / "bad.tar.gz", members))
+    assert target.list_experts() == []
