@@ -147,8 +147,7 @@ class TrainConfig:
 class RouterSettings:
     """Router training (``moe_adapters.router.train_router``): a small head over a frozen encoder.
 
-    Mirrors ``moe_adapters.router.RouterSettings`` field for field (the router accepts this object), plus
-    ``enabled``, which only the training pipeline reads.
+    ``enabled`` is read by the training pipeline only; every other field by the router.
     """
 
     enabled: bool = True

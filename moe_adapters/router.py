@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import RouterSettings
+
 FORMAT_VERSION = 1
 ENCODER_MINILM = "minilm"
 ENCODER_BASE = "base-mean-pool"
@@ -59,43 +61,6 @@ _TIE_EPS = 0.005
 
 class RouterError(RuntimeError):
     """The router cannot be trained, saved or loaded; the message says how to fix it."""
-
-
-@dataclass
-class RouterSettings:
-    """How the router is trained and calibrated (the `router:` section of a mixture)."""
-
-    encoder: str = "auto"
-    """`minilm`, `base-mean-pool`, or `auto`: train on both, keep the better on val (ties → minilm)."""
-    heads: tuple[str, ...] = HEAD_KINDS
-    """Heads to compare on val: `linear` (logistic regression), `mlp`, `centroid` (training-free)."""
-    base_model: str | None = None
-    """Base model folder/id for the `base-mean-pool` encoder; None → the embedded default."""
-    max_length: int = 128
-    """Prompt tokens the encoder reads; longer prompts are truncated (routing needs the start only)."""
-    target_error: float = 0.01
-    """Largest share of wrong routes among accepted val prompts; sets the abstain threshold."""
-    min_threshold: float = 0.5
-    """Never route below this top-task probability, whatever the (small) val set allows."""
-    ood_negatives: bool = True
-    """Train an extra out-of-scope class on generic prompts (chit-chat, other languages, …) and
-    count them as wrong routes when choosing the threshold, so unrelated prompts end at the base."""
-    max_train_per_task: int = 2000
-    """Cap on training prompts per task (deterministic subsample) to bound encoding time."""
-    epochs: int = 30
-    """Passes over the training prompts (mini-batches of `batch_size`) for the trained heads."""
-    lr: float = 1e-2
-    """Adam learning rate for the trained heads (inputs are unit-length embeddings)."""
-    weight_decay: float = 1e-4
-    """L2 penalty (Adam weight decay) for the trained heads."""
-    hidden_size: int = 256
-    """Hidden units of the `mlp` head."""
-    batch_size: int = 64
-    """Prompts per head step and per encoder forward pass while training."""
-    seed: int = 0
-    """Seed for the head initialisation and subsampling."""
-    device: str | None = None
-    """"cuda", "cpu" or None (cuda when available)."""
 
 
 @dataclass(frozen=True)
