@@ -165,6 +165,15 @@ def test_health_is_open(served: dict[str, object]) -> None:
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
+def test_example_client_runs_against_the_server(served: dict[str, object]) -> None:
+    """examples/client.py is what the README and the demo run: it must work as shipped."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / "client.py"), "--base-url", f"{served['base_url']}/v1",
+                             "--per-task", "1", "--min-routing-accuracy", "0.75"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for task in TASKS:
+        assert f"{task}@1" in result.stdout
+
 def test_sigterm_stops_the_vllm_child_too(served: dict[str, object]) -> None:
     """Runs last in this module: SIGTERM to `moea serve` alone must leave no orphan vLLM process."""
     import signal

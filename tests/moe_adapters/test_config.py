@@ -116,8 +116,9 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_learning_rate_outside_range_warns(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_mixture(minimal(tmp_path), overrides={"train.lr": 1e-3})
-    assert any("outside the recommended range" in str(w.message) for w in caught)
+        load_mixture(minimal(tmp_path), overrides={"train.lr": 5e-3})
+        load_mixture(minimal(tmp_path), overrides={"train.lr": 1e-3})  # the examples' LoRA rate: no warning
+    assert sum("outside the recommended range" in str(w.message) for w in caught) == 1
 
 
 def test_resolved_mixture_round_trips_with_probabilities(tmp_path):
