@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from moe_adapters.router import RouteDecision, Router
 
 from .metrics import GatewayMetrics
@@ -50,7 +52,7 @@ def check_labels(labels: Collection[str], experts: Collection[str], ref: str) ->
     if unknown:
         raise RouterRuntimeError(
             f"{ref} routes to {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not registered: "
-            "register the run that trained this router (`moea registry register RUN_DIR`) or archive the router"
+            "register the run that trained this router (`moea register RUN_DIR`) or archive the router"
         )
 
 
@@ -60,7 +62,12 @@ def load_router(
     """Load a registered router version (blocking: call it in a thread), refusing unknown labels."""
     ref = getattr(view, "ref", f"router@{getattr(view, 'version', '?')}")
     check_labels(view.labels, experts, ref)
-    router = Router.load(registry.router_artifact_path(view), device=device)
+    # On CPU the router shares the cores with vLLM's busy OpenMP threads: one intra-op thread keeps
+    # batch-1 latency in milliseconds, where two threads spin-wait into hundreds of ms.
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    router = Router.load(
+        registry.router_artifact_path(view), device=device, num_threads=1 if on_cpu else None
+    )
     check_labels(router.labels, experts, ref)
     return LoadedRouter(router, ref, tuple(router.labels))
 
