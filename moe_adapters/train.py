@@ -392,7 +392,11 @@ def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress:
         TimeRemainingColumn(),
     ]
     window_tokens, window_start = 0, time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+    console = Console(stderr=True)
+    # Without a terminal (CI logs, `moea demo` subprocesses) a live bar shows nothing until the end:
+    # print one plain line per log window instead.
+    plain_lines = progress and not console.is_terminal
+    with Progress(*columns, console=console, disable=not progress or plain_lines) as bar:
         bar_id = bar.add_task("train", total=tr.max_steps, completed=trainer.global_step, info="")
         while trainer.global_step < tr.max_steps and len(trainer.sampler) > 0:
             start = time.perf_counter()
@@ -408,6 +412,8 @@ def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
                 info = f"task={task} loss={loss:.3f} {window_tokens / elapsed:,.0f} tok/s"
                 bar.update(bar_id, completed=step, info=info)
+                if plain_lines:
+                    console.print(f"train step {step}/{tr.max_steps} {info}", highlight=False)
                 window_tokens, window_start = 0, time.perf_counter()
             else:
                 bar.update(bar_id, completed=step)
