@@ -5,15 +5,20 @@ throughput)? One vLLM server is started; the gateway runs as its own process in 
 does not share the benchmark client's interpreter). Both paths send the identical request
 (`model` = an expert's LoRA, max_tokens=1) with pooled keep-alive httpx clients.
 
-    .venv/bin/python benchmarks/bench_gateway.py [--requests 200] [--concurrency 8] [--duration 20]
+    .venv/bin/python benchmarks/bench_gateway.py [--quick | --smoke] [--requests 200] [--concurrency 8]
+        [--duration 20] [--rounds 2]
 
-Writes benchmarks/results/gateway.json. On a 2-core CPU machine the gateway competes with vLLM for
+Sizes (the flags override): full 200 requests per path, 8 clients x 20 s, 2 rounds; ``--quick`` 50,
+4 x 8 s, 2 rounds; ``--smoke`` 5, 2 x 2 s, 1 round (checks that it runs).
+
+Writes benchmarks/results/gateway.json with two summary rows: p50 latency via the gateway vs vLLM
+directly (the target ratio is the one at which exactly 2 ms is added, so "met" ⟺ added p50 ≤ 2 ms) and
+throughput via the gateway vs directly (target ≥ 0.97×). On a 2-core CPU machine the gateway competes with vLLM for
 the same cores, so the throughput ratio is pessimistic compared with a GPU host.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -27,7 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 from bench_serving import KEY, moea_serve, synthetic_runs  # noqa: E402
-from common import percentile, ratio, write_result  # noqa: E402
+from common import mode, percentile, ratio, standard_parser, summary, write_result  # noqa: E402
+
+TARGET_ADDED_P50_MS = 2.0
+"""Budget for the latency the gateway adds to one request (p50)."""
+
+TARGET_THROUGHPUT_RATIO = 0.97
+"""Throughput through the gateway must be at least this share of vLLM's own."""
+
+SIZES: dict[str, dict[str, float]] = {
+    "smoke": {"requests": 5, "concurrency": 2, "duration": 2.0, "rounds": 1},
+    "quick": {"requests": 50, "concurrency": 4, "duration": 8.0, "rounds": 2},
+    "full": {"requests": 200, "concurrency": 8, "duration": 20.0, "rounds": 2},
+}
+"""Default sequential requests per path, closed-loop clients, seconds per throughput run and rounds."""
 
 
 async def paired_latency(
@@ -94,13 +112,29 @@ async def throughput(
         return done / (time.monotonic() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="sequential requests per path")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per throughput run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = standard_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--requests", type=int, default=None, help="sequential requests per path and round (default: by size)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="closed-loop clients for throughput (default: by size)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds per throughput run (default: by size)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="alternating direct/gateway rounds (default: by size)"
+    )
+    args = parser.parse_args(argv)
+    size = mode(args)
+    plan = SIZES[size]
+    args.requests = int(args.requests or plan["requests"])
+    args.concurrency = int(args.concurrency or plan["concurrency"])
+    args.duration = args.duration or plan["duration"]
+    args.rounds = int(args.rounds or plan["rounds"])
+    if min(args.requests, args.concurrency, args.rounds) < 1 or args.duration <= 0:
+        parser.error("--requests, --concurrency and --rounds must be >= 1 and --duration > 0")
     from moe_adapters.base_model import DEFAULT_BASE_NAME, resolve_base_model
     from registry.service import Registry
     from serving.engine import EngineSettings, VLLMProcess
@@ -151,11 +185,39 @@ def main() -> None:
     p50 = {path: percentile(values, 50) * 1000 for path, values in lat.items()}
     p99 = {path: percentile(values, 99) * 1000 for path, values in lat.items()}
     tput = {path: statistics.median(values) for path, values in rps.items()}
+    added_p50_ms = p50["gateway"] - p50["direct"]
+    latency_row = summary(
+        f"gateway latency, one request at a time, max_tokens=1 (≤ {TARGET_ADDED_P50_MS:g} ms added at p50)",
+        "p50 latency",
+        round(p50["gateway"], 3),
+        round(p50["direct"], 3),
+        unit="ms",
+        higher_is_better=False,
+        # direct/gateway ≥ direct/(direct + 2 ms) ⟺ added ≤ 2 ms: the budget as a ratio of this run
+        target=round(p50["direct"] / (p50["direct"] + TARGET_ADDED_P50_MS), 3),
+        baseline_name="vLLM directly",
+    )
+    latency_row["met"] = added_p50_ms <= TARGET_ADDED_P50_MS  # exact, not through the rounded ratio
+    throughput_row = summary(
+        f"gateway throughput, {args.concurrency} closed-loop clients, max_tokens=1",
+        "requests/s",
+        round(tput["gateway"], 3),
+        round(tput["direct"], 3),
+        unit="req/s",
+        higher_is_better=True,
+        target=TARGET_THROUGHPUT_RATIO,
+        baseline_name="vLLM directly",
+    )
     result = {
+        "mode": size,
+        "summary": latency_row,
+        "summaries": [latency_row, throughput_row],
+        "rounds": args.rounds,
+        "duration_s_per_throughput_run": args.duration,
         "requests_per_path": len(lat["direct"]), "concurrency": args.concurrency,
         "latency_p50_ms": {k: round(v, 2) for k, v in p50.items()},
         "latency_p99_ms": {k: round(v, 2) for k, v in p99.items()},
-        "added_p50_ms": round(p50["gateway"] - p50["direct"], 3),
+        "added_p50_ms": round(added_p50_ms, 3),
         "added_paired_median_ms": round(
             statistics.median(g - d for g, d in zip(lat["gateway"], lat["direct"], strict=True)) * 1000, 3
         ),
@@ -163,11 +225,12 @@ def main() -> None:
         "throughput_rps": {k: round(v, 2) for k, v in tput.items()},
         "throughput_ratio_gateway_vs_direct": ratio(tput["gateway"], tput["direct"]),
     }  # fmt: skip
-    path = write_result("gateway", result)
+    path = write_result("gateway", result, results_dir=args.results_dir)
     print(f"p50 direct {p50['direct']:.2f} ms, via gateway {p50['gateway']:.2f} ms (+{result['added_p50_ms']} ms, paired median "
           f"+{result['added_paired_median_ms']} ms, in-gateway p50 ≤ {in_gateway_ms} ms); "
           f"throughput {tput['direct']:.1f} → {tput['gateway']:.1f} req/s "
           f"(×{result['throughput_ratio_gateway_vs_direct']}) → {path}")  # fmt: skip
+    return 0
 
 
 async def _wait(engine: Any) -> None:
@@ -176,4 +239,4 @@ async def _wait(engine: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

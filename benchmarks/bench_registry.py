@@ -6,16 +6,17 @@ Also times `latest_router()` (the gateway polls it with the state token) and rea
 experiment back (`experiment_requests` / `experiment_outcomes` over `--log-rows` logged requests and
 outcomes, as `moea ab report` does). Baseline measured in the same run: a raw sqlite3 primary-key
 SELECT on the same file, so the printed ratio says how much the registry adds over the database
-itself. Writes benchmarks/results/registry.json (`--quick`: registry-quick.json).
+itself. Writes benchmarks/results/registry.json (`mode` in the file says which size).
 
-    .venv/bin/python benchmarks/bench_registry.py [--registers 1000] [--resolves 10000] [--log-rows 50000]
-    .venv/bin/python benchmarks/bench_registry.py --quick   # 200 registers, 3,000 resolves, ~30 s
+    .venv/bin/python benchmarks/bench_registry.py            # 1000 registers, 10,000 resolves, 50,000 rows
+    .venv/bin/python benchmarks/bench_registry.py --quick    # 200 registers, 3,000 resolves, 20,000 rows
+    .venv/bin/python benchmarks/bench_registry.py --smoke    # 20 registers, 300 resolves, 1,000 rows (CI)
+    .venv/bin/python benchmarks/bench_registry.py --quick --registers 500 --resolves 5000 --log-rows 50000
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -24,13 +25,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "registry"))
 
+from common import mode, standard_parser, summary, write_result  # noqa: E402
 from helpers import make_run_dir  # noqa: E402
 
 from registry import db  # noqa: E402
 from registry.models import OutcomeRecord, RequestRecord, utcnow  # noqa: E402
 from registry.service import Registry  # noqa: E402
+
+TARGET_RESOLVE_P50_MS = 1.0
+"""Budget for one ``resolve`` (the gateway resolves the requested name on every request)."""
+
+SIZES: dict[str, dict[str, int]] = {
+    "smoke": {"registers": 20, "resolves": 300, "log_rows": 1_000},
+    "quick": {"registers": 200, "resolves": 3_000, "log_rows": 20_000},
+    "full": {"registers": 1_000, "resolves": 10_000, "log_rows": 50_000},
+}
+"""Default sizes per mode (``--registers``/``--resolves``/``--log-rows`` override)."""
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -83,20 +96,23 @@ def _log_experiment(registry: Registry, rows: int) -> int:
     return experiment.id
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registers", type=int, default=None, help="run dirs to register (default 1000)")
-    parser.add_argument("--resolves", type=int, default=None, help="timed resolves (default 10,000)")
+def main(argv: list[str] | None = None) -> int:
+    parser = standard_parser(__doc__.splitlines()[0])
+    parser.add_argument("--registers", type=int, default=None, help="run dirs to register (default: by size)")
+    parser.add_argument("--resolves", type=int, default=None, help="timed resolves (default: by size)")
     parser.add_argument(
-        "--log-rows", type=int, default=50_000, help="requests+outcomes logged for the A/B read"
+        "--log-rows",
+        type=int,
+        default=None,
+        help="requests+outcomes logged for the A/B read (default: by size)",
     )
-    parser.add_argument("--quick", action="store_true", help="200 registers, 3,000 resolves (smoke/CI scale)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    args.registers = args.registers or (200 if args.quick else 1000)
-    args.resolves = args.resolves or (3000 if args.quick else 10_000)
-    results = ROOT / "benchmarks" / "results"
-    args.out = args.out or results / ("registry-quick.json" if args.quick else "registry.json")
+    args = parser.parse_args(argv)
+    size = mode(args)
+    args.registers = args.registers or SIZES[size]["registers"]
+    args.resolves = args.resolves or SIZES[size]["resolves"]
+    args.log_rows = args.log_rows or SIZES[size]["log_rows"]
+    if args.registers < 2 or args.resolves < 1 or args.log_rows < 1:
+        parser.error("--registers must be >= 2, --resolves and --log-rows >= 1")
     work = Path(tempfile.mkdtemp(prefix="moea-bench-registry-"))
     registry = Registry(f"sqlite:///{work / 'registry.db'}", work / "store")
 
@@ -130,7 +146,31 @@ def main() -> None:
     requests_s = _time_best(lambda: registry.experiment_requests(experiment_id))
     outcomes_s = _time_best(lambda: registry.experiment_outcomes(experiment_id))
     assert len(registry.experiment_requests(experiment_id)) == args.log_rows
+    summaries = [
+        summary(
+            "registry resolve p50 (name, name@prod, name@N)",
+            "p50 latency",
+            round(resolve["p50_ms"], 4),
+            TARGET_RESOLVE_P50_MS,
+            unit="ms",
+            higher_is_better=False,
+            target=1.0,
+            baseline_name="1 ms budget",
+        ),
+        summary(
+            "registry resolve p50 vs the database alone",
+            "p50 latency",
+            round(resolve["p50_ms"], 4),
+            round(baseline["p50_ms"], 4),
+            unit="ms",
+            higher_is_better=False,
+            baseline_name="raw sqlite3 PK SELECT",
+        ),
+    ]
     result = {
+        "mode": size,
+        "summary": summaries[0],
+        "summaries": summaries,
         "backend": "sqlite (WAL, synchronous=FULL)",
         "registers": args.registers,
         "register": register,
@@ -144,12 +184,14 @@ def main() -> None:
         "artifact_path_cached": artifact_path,
         "baseline_raw_sqlite_pk_select": baseline,
         "resolve_p50_over_baseline": resolve["p50_ms"] / baseline["p50_ms"],
-        "target_resolve_p50_ms": 1.0,
-        "meets_target": resolve["p50_ms"] <= 1.0,
+        "target_resolve_p50_ms": TARGET_RESOLVE_P50_MS,
+        "meets_target": resolve["p50_ms"] <= TARGET_RESOLVE_P50_MS,
         "internal_retries": {"busy": db.STATS.busy, "conflicts": db.STATS.conflicts},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    registry.close()
+    raw.close()
+    shutil.rmtree(work, ignore_errors=True)
+    path = write_result("registry", result, results_dir=args.results_dir)
     print(
         f"register      p50 {register['p50_ms']:.2f} ms  p95 {register['p95_ms']:.2f} ms  ({args.registers} runs)"
     )
@@ -164,8 +206,9 @@ def main() -> None:
     print(
         f"experiment_requests {requests_s:.3f} s  experiment_outcomes {outcomes_s:.3f} s  ({args.log_rows} rows each)"
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,16 +2,20 @@
 an experiment start in the middle. Question: does anything fail during hot swaps, is the A/B split
 right, is every request logged?
 
-    .venv/bin/python benchmarks/bench_serving.py [--run-dir RUN] [--clients 8] [--duration 60]
+    .venv/bin/python benchmarks/bench_serving.py [--quick | --smoke] [--run-dir RUN] [--clients 8] [--duration 60]
+
+Sizes (``--clients``/``--duration``/``--max-tokens`` override): full 8 clients x 60 s, ``--quick``
+4 x 30 s, ``--smoke`` 2 x 12 s at max_tokens=2 (checks that it runs; too short for a meaningful SRM test).
 
 Without --run-dir, two synthetic run dirs (random-weight LoRA adapters + a trained router, built by
 the serving test fixtures) are used: serving cost does not depend on the adapter weights' values.
-Writes benchmarks/results/serving.json.
+Writes benchmarks/results/serving.json. There is no baseline: the summary row is the throughput under
+the swaps, and it is "met" only when no request failed, the A/B split passes the SRM check and every
+request of the experiment was logged.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import subprocess
@@ -29,9 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-from common import machine_info, percentile, write_result  # noqa: E402
+from common import machine_info, mode, percentile, standard_parser, summary, write_result  # noqa: E402
 
 KEY = "bench-key"
+
+SIZES: dict[str, dict[str, float]] = {
+    "smoke": {"clients": 2, "duration": 12.0, "max_tokens": 2},
+    "quick": {"clients": 4, "duration": 30.0, "max_tokens": 8},
+    "full": {"clients": 8, "duration": 60.0, "max_tokens": 8},
+}
+"""Default clients, load duration (s; each third is one phase) and max_tokens per size."""
 
 
 def synthetic_runs(root: Path) -> tuple[Path, Path]:
@@ -143,7 +154,8 @@ def run_load(url: str, registry: Any, clients: int, duration_s: float, max_token
     return {
         "clients": clients, "duration_s": round(wall, 1), "requests": len(results), "failed_requests": len(failures),
         "failures_sample": failures[:5], "throughput_rps": round(len(results) / wall, 2),
-        "latency_ms": {"p50": round(percentile(latencies, 50), 1), "p99": round(percentile(latencies, 99), 1)},
+        "latency_ms": {"p50": round(percentile(latencies, 50), 1) if latencies else None,
+                       "p99": round(percentile(latencies, 99), 1) if latencies else None},
         "experts_served": dict(Counter(expert for _, expert, _, _ in results)),
         "experiment": {"arms": {"math@1": 30, "math@2": 70}, "observed": dict(split), "srm_p_value": srm.p_value,
                        "srm_flagged": srm.flagged, "requests_logged": len(logged & set(arm_requests)),
@@ -151,14 +163,24 @@ def run_load(url: str, registry: Any, clients: int, duration_s: float, max_token
     }  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = standard_parser(__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="trained run dir (registered twice: versions 1 and 2)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--clients", type=int, default=None, help="concurrent openai clients (default: by size)"
+    )
+    parser.add_argument("--duration", type=float, default=None, help="seconds of load (default: by size)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens of every request (default: by size)"
+    )
     parser.add_argument("--serve-arg", action="append", default=["--cpu-threads-bind", "0-1"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    size = mode(args)
+    clients = int(args.clients or SIZES[size]["clients"])
+    duration = args.duration or SIZES[size]["duration"]
+    max_tokens = int(args.max_tokens or SIZES[size]["max_tokens"])
+    if clients < 1 or duration <= 0:
+        parser.error("--clients must be >= 1 and --duration > 0")
     from registry.service import Registry
 
     with tempfile.TemporaryDirectory(prefix="moea-bench-serving-") as tmp:
@@ -169,15 +191,49 @@ def main() -> None:
         registry.register_run(run2)
         registry.promote("math@1")
         with moea_serve(home, *args.serve_arg) as url:
-            result = run_load(url, registry, args.clients, args.duration, args.max_tokens)
+            result = run_load(url, registry, clients, duration, max_tokens)
         registry.close()
+    experiment = result["experiment"]
+    healthy = (
+        result["failed_requests"] == 0
+        and not experiment["srm_flagged"]
+        and experiment["requests_logged"] == experiment["requests_in_experiment"]
+    )
+    throughput_row = summary(
+        f"multi-LoRA serving through a promote + A/B start, {clients} clients "
+        "(0 failed, SRM ok, every A/B request logged)",
+        "throughput",
+        result["throughput_rps"],
+        None,
+        unit="req/s",
+        higher_is_better=True,
+        baseline_name="none",
+    )
+    throughput_row["met"] = healthy  # no baseline: the verdict is the correctness checks above
+    latency_row = summary(
+        f"request latency p50 under load, {clients} clients, max_tokens={max_tokens}",
+        "p50 latency",
+        result["latency_ms"]["p50"],
+        None,
+        unit="ms",
+        higher_is_better=False,
+        baseline_name="none",
+    )
+    result = {
+        "mode": size,
+        "summary": throughput_row,
+        "summaries": [throughput_row, latency_row],
+        "max_tokens": max_tokens,
+        **result,
+    }
     result["machine"] = machine_info()
-    path = write_result("serving", result)
+    path = write_result("serving", result, results_dir=args.results_dir)
     print(f"requests {result['requests']}, failed {result['failed_requests']}, {result['throughput_rps']} req/s, "
           f"p50 {result['latency_ms']['p50']} ms; experiment split {result['experiment']['observed']} "
           f"(SRM p={result['experiment']['srm_p_value']:.3g}); logged {result['experiment']['requests_logged']}/"
-          f"{result['experiment']['requests_in_experiment']} → {path}")  # fmt: skip
+          f"{result['experiment']['requests_in_experiment']} → {'OK' if healthy else 'PROBLEMS'} → {path}")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
