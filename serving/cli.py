@@ -165,6 +165,9 @@ def run_server(
     from .request_log import RequestLogWriter
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One INFO line per forwarded request (httpx) or per migration plugin (alembic) is noise on a gateway.
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     registry = Registry(registry_url)
     registered_base, registered_name = _registered_base(registry)
     settings = None
