@@ -308,17 +308,19 @@ def measure(n_experts: int, steps_per_expert: int, mixture: Path, repeats: int, 
                 else:
                     baseline_runs.append(run_baseline(bench_mixture, moea_runs[0].steps, workdir))
     moea, baseline = _median_side(moea_runs), _median_side(baseline_runs)
+    # Ratios come from the reported (rounded) numbers, so they agree with the summary rows built from them.
+    moea_dict, baseline_dict = moea.as_dict(), baseline.as_dict()
     result = {
         "experts": n_experts,
-        "moea": moea.as_dict(),
-        "baseline": baseline.as_dict(),
+        "moea": moea_dict,
+        "baseline": baseline_dict,
         "repeats": {
             "moea_tokens_per_s": [round(r.tokens_per_s, 1) for r in moea_runs],
             "baseline_tokens_per_s": [round(r.tokens_per_s, 1) for r in baseline_runs],
         },
-        "ratio_tokens_per_s": ratio(moea.tokens_per_s, baseline.tokens_per_s),
-        "ratio_tokens_per_cpu_s": ratio(moea.tokens_per_cpu_s, baseline.tokens_per_cpu_s),
-        "ratio_wall": ratio(baseline.wall_seconds, moea.wall_seconds),
+        "ratio_tokens_per_s": ratio(moea_dict["tokens_per_s"], baseline_dict["tokens_per_s"]),
+        "ratio_tokens_per_cpu_s": ratio(moea_dict["tokens_per_cpu_s"], baseline_dict["tokens_per_cpu_s"]),
+        "ratio_wall": ratio(baseline_dict["wall_seconds"], moea_dict["wall_seconds"]),
     }
     print(
         f"N={n_experts}: moea {moea.tokens_per_s:,.0f} tok/s (wall {moea.wall_seconds:.1f}s) | "
