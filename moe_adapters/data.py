@@ -35,7 +35,7 @@ class DataValidationError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
-    """One loaded row: ``{"prompt", "response", "system"}`` (per CONTRACTS.md) plus where it came from."""
+    """One loaded row: ``{"prompt", "response", "system"}`` (per README "Module contracts") plus where it came from."""
 
     prompt: str
     response: str

@@ -118,7 +118,7 @@ def train_mixture(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train all experts of ``mixture_path`` into run dir ``out_dir`` (see CONTRACTS.md) and return it.
+    """Train all experts of ``mixture_path`` into run dir ``out_dir`` (see README "Module contracts") and return it.
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` (a fresh start if there is none);
     ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router);

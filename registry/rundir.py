@@ -1,4 +1,4 @@
-"""Read and validate a training run dir (format_version 1, see CONTRACTS.md) before anything is copied."""
+"""Read and validate a training run dir (format_version 1, see README "Module contracts") before anything is copied."""
 
 from __future__ import annotations
 

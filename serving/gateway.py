@@ -195,7 +195,7 @@ class Target:
         return self.adapter or "base"
 
     def moea_field(self) -> dict[str, Any]:
-        """The `moea` JSON field of the response (CONTRACTS.md)."""
+        """The `moea` JSON field of the response (README "Module contracts")."""
         return {
             "expert": self.expert,
             "version": self.version,
