@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -10,39 +9,16 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from sqlalchemy.exc import OperationalError
 
 from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 from registry.service import Registry
 from serving.request_log import RequestLogWriter
 
+from .registry_fixtures import make_run_dir
+
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-def make_run_dir(root: Path, experts: list[str], seed: int) -> Path:
-    """A minimal format-1 run dir: one tiny (but valid) safetensors adapter per expert."""
-    run_dir = root / f"run-{seed}"
-    for name in experts:
-        folder = run_dir / "experts" / name
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-        save_file(
-            {"lora_A": np.full((2, 2), seed, dtype=np.float32)}, str(folder / "adapter_model.safetensors")
-        )
-    (run_dir / "run.json").write_text(
-        json.dumps(
-            {
-                "format_version": 1,
-                "base_model": "base",
-                "base_model_name": "SmolLM2-135M-Instruct",
-                "tasks": {name: {"kind": "generation"} for name in experts},
-            }
-        )
-    )
-    return run_dir
 
 
 @pytest.fixture
