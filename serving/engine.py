@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from .cpu_lora import ENV_SWITCH as CPU_LORA_SWITCH
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("moea.serving.engine")
@@ -70,6 +71,8 @@ class EngineSettings:
     """Base model folder or hub id, exactly as vLLM's `--model` takes it."""
     served_name: str
     """Name of the base model in the OpenAI API (`--served-model-name`)."""
+    enable_lora: bool = True
+    """`--enable-lora`; off only for a base-model-only engine (benchmarks' baseline), which serves no expert."""
     max_lora_rank: int = 8
     """`--max-lora-rank`: the largest LoRA rank any registered adapter uses."""
     max_loras: int = 4
@@ -84,6 +87,8 @@ class EngineSettings:
     """VLLM_CPU_KVCACHE_SPACE (GiB) for the CPU backend; None leaves the environment as is."""
     cpu_threads_bind: str | None = None
     """VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"; None leaves vLLM's default ("auto")."""
+    cpu_lora_kernel: bool = True
+    """Use moea's CPU multi-LoRA kernel in the engine (serving/cpu_lora.py; no effect on GPU engines)."""
     host: str = "127.0.0.1"
     """Interface the engine listens on (loopback: only the gateway talks to it)."""
     port: int | None = None
@@ -103,10 +108,11 @@ class EngineSettings:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model, "--served-model-name", self.served_name,
             "--host", self.host, "--port", str(port),
-            "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
             "--dtype", self.dtype,
         ]  # fmt: skip
-        if self.max_cpu_loras is not None:
+        if self.enable_lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        if self.enable_lora and self.max_cpu_loras is not None:
             cmd += ["--max-cpu-loras", str(self.max_cpu_loras)]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
@@ -122,6 +128,7 @@ class EngineSettings:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         if self.cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
+        env[CPU_LORA_SWITCH] = "1" if self.cpu_lora_kernel else "0"
         return env
 
     @property

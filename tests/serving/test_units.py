@@ -114,6 +114,8 @@ def test_engine_command_and_environment() -> None:
     env = settings.environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert settings.adapter_capacity == 6
+    base_only = EngineSettings(model="/m", served_name="B", enable_lora=False, max_cpu_loras=6).command(1234)
+    assert not {"--enable-lora", "--max-loras", "--max-lora-rank", "--max-cpu-loras"} & set(base_only)
 
 
 def _pool(n: int) -> EnginePool:
