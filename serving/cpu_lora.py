@@ -39,6 +39,12 @@ ENV_SWITCH = "MOEA_CPU_LORA_KERNEL"
 TESTED_VLLM = ("0.32.",)
 """vLLM version prefixes whose CPU punica wrapper this kernel replaces (its internals are not an API)."""
 
+SLOTS_ATTRIBUTE = "moea_loaded_slots"
+"""Attribute set on each LoRA layer's first stacked A tensor: the slots that hold weights for that layer."""
+
+CACHE_ATTRIBUTE = "moea_stacked_matrices"
+"""Attribute on the same tensor: (dtype, A of all slots and slices, block-diagonal B), see stacked_matrices."""
+
 INSTALLED_MESSAGE = "moea CPU LoRA kernel installed (replaces vLLM's torch_ops punica wrapper)"
 """Logged by each engine process that uses the kernel (tests look for it in the engine log)."""
 
@@ -64,33 +70,122 @@ def register() -> None:
     if getattr(punica_cpu.PunicaWrapperCPU, "moea_kernel", False):
         return
     punica_cpu.PunicaWrapperCPU = _wrapper_class(punica_cpu.PunicaWrapperCPU)
+    _track_loaded_slots()
     log.info(INSTALLED_MESSAGE)
+
+
+def _loaded_slots(layer: Any) -> set[int]:
+    """The layer's slot record (created on first use); any write to a slot also drops the matrix cache."""
+    stacked = layer.lora_a_stacked
+    stacked = stacked[0] if isinstance(stacked, tuple) else stacked  # linear layers: per slice; lm_head: one
+    setattr(stacked, CACHE_ATTRIBUTE, None)
+    slots = getattr(stacked, SLOTS_ATTRIBUTE, None)
+    if slots is None:
+        slots = set()
+        setattr(stacked, SLOTS_ATTRIBUTE, slots)
+    return slots
+
+
+def _track_loaded_slots() -> None:
+    """Record, per linear LoRA layer, which slots hold an adapter's weights for it.
+
+    vLLM wraps every linear layer for LoRA, but an adapter trained on q/k/v/o has no weights for the MLP:
+    vLLM calls ``reset_lora`` there and still runs the zero LoRA on every token. With this record the
+    kernel skips layers that no adapter of the batch touches."""
+    import vllm.lora.layers  # noqa: F401 - imports every layer class
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    classes, stack = [], [BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA]
+    while stack:
+        cls = stack.pop()
+        classes.append(cls)
+        stack.extend(cls.__subclasses__())
+    for cls in classes:
+        if "reset_lora" in cls.__dict__:
+            cls.reset_lora = _after(
+                cls.__dict__["reset_lora"], lambda layer, index: _loaded_slots(layer).discard(index)
+            )
+        if "set_lora" in cls.__dict__:
+            cls.set_lora = _after(
+                cls.__dict__["set_lora"], lambda layer, index: _loaded_slots(layer).add(index)
+            )
+
+
+def _after(method: Any, record: Any) -> Any:
+    import functools
+
+    @functools.wraps(method)
+    def wrapped(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, index, *args, **kwargs)
+        record(self, index)
+        return result
+
+    return wrapped
 
 
 class StepPlan:
     """How to apply LoRAs to the tokens of one engine step (built once per step, used by every layer)."""
 
-    __slots__ = ("tokens", "kind", "slot", "mask")
+    __slots__ = ("tokens", "kind", "slot", "slots_used", "_indices", "_masks")
 
-    def __init__(self, indices: Any, slots: int) -> None:
-        import torch
-
+    def __init__(self, indices: Any) -> None:
         self.tokens = int(indices.numel())
         self.slot = -1
-        self.mask = None
+        self.slots_used: frozenset[int] = frozenset()
+        self._indices = indices
+        self._masks: dict[int, Any] = {}
         if self.tokens == 0 or int(indices.max()) < 0:
             self.kind = "none"
             return
+        self.slots_used = frozenset(int(i) for i in indices.unique().tolist() if i >= 0)
         low, high = int(indices.min()), int(indices.max())
         if low == high:
             self.kind, self.slot = "single", high
-            return
-        self.kind = "mixed"
-        mask = torch.zeros(self.tokens, slots, dtype=torch.float32, device=indices.device)
-        used = indices >= 0
-        rows = torch.arange(self.tokens, device=indices.device)[used]
-        mask[rows, indices[used]] = 1.0
-        self.mask = mask.unsqueeze(-1)  # [tokens, slots, 1]
+        else:
+            self.kind = "mixed"
+
+    def mask(self, slots: int) -> Any:
+        """``[tokens, slots, 1]`` float32 one-hot of each token's slot (all zeros for base tokens)."""
+        mask = self._masks.get(slots)
+        if mask is None:
+            import torch
+
+            indices = self._indices
+            mask = torch.zeros(self.tokens, slots, dtype=torch.float32, device=indices.device)
+            used = indices >= 0
+            rows = torch.arange(self.tokens, device=indices.device)[used]
+            mask[rows, indices[used]] = 1.0
+            mask = self._masks[slots] = mask.unsqueeze(-1)
+        return mask
+
+
+def stacked_matrices(
+    lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], output_slices: tuple[int, ...], dtype: Any
+) -> tuple[Any, Any]:
+    """All slots and slices of one layer as two matrices: ``A`` float32 ``[slices·slots·r, in]`` and a
+    block-diagonal ``B`` ``[Σ slice sizes, slices·slots·r]`` in ``dtype``.
+
+    Cached on the layer's first stacked tensor while the slot record is kept (the cache is dropped
+    whenever vLLM writes a slot: ``set_lora`` / ``reset_lora``); rebuilt per call otherwise."""
+    import torch
+
+    key = lora_a[0]
+    cached = getattr(key, CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[0] == dtype:
+        return cached[1], cached[2]
+    slots, rank, hidden = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
+    width = slots * rank
+    a_all = torch.cat([a.reshape(slots * rank, hidden) for a in lora_a]).float()
+    b_all = torch.zeros(sum(output_slices), len(lora_b) * width, dtype=dtype, device=key.device)
+    row = 0
+    for i, (b, size) in enumerate(zip(lora_b, output_slices, strict=True)):
+        b3 = b.reshape(slots, b.shape[-2], rank)[:, :size]  # [slots, out, r]
+        b_all[row : row + size, i * width : (i + 1) * width] = b3.permute(1, 0, 2).reshape(size, width)
+        row += size
+    if hasattr(key, SLOTS_ATTRIBUTE):  # writes are tracked: safe to keep
+        setattr(key, CACHE_ATTRIBUTE, (dtype, a_all, b_all))
+    return a_all, b_all
 
 
 def apply_lora(
@@ -102,28 +197,31 @@ def apply_lora(
     scale: float,
     output_slices: tuple[int, ...],
 ) -> None:
-    """``y[:, slice_i] += scale · B_slot(t)[i] · A_slot(t)[i] · x_t`` for every token t with a LoRA slot."""
+    """``y[:, slice_i] += scale · B_slot(t)[i] · A_slot(t)[i] · x_t`` for every token t with a LoRA slot.
+
+    Two matmuls per layer whatever the number of slices: the shrink against every slot's A (float32,
+    like vLLM), a one-hot mask keeping each token's own slot, the expand against the block-diagonal B."""
     import torch.nn.functional as F
 
     if plan.kind == "none":
         return
-    x32 = x.float()
-    offset = 0
-    for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
-        a3, b3 = a.flatten(0, 1) if a.dim() == 4 else a, b.flatten(0, 1) if b.dim() == 4 else b
-        if plan.kind == "single":
-            shrunk = F.linear(x32, a3[plan.slot].float())
-            if scale != 1.0:
-                shrunk = shrunk * scale
-            delta = F.linear(shrunk.to(y.dtype), b3[plan.slot].to(y.dtype))
-        else:
-            slots, rank = a3.shape[0], a3.shape[1]
-            shrunk = F.linear(x32, a3.reshape(slots * rank, -1).float()).view(-1, slots, rank)
-            shrunk = shrunk * (plan.mask if scale == 1.0 else plan.mask * scale)
-            b_all = b3.permute(1, 0, 2).reshape(b3.shape[1], slots * rank).to(y.dtype)
-            delta = F.linear(shrunk.view(-1, slots * rank).to(y.dtype), b_all)
-        y[:, offset : offset + size] += delta[:, :size]
-        offset += size
+    slices, slots, rank = len(lora_a), lora_a[0].shape[0], lora_a[0].shape[-2]
+    a_all, b_all = stacked_matrices(lora_a, lora_b, output_slices, y.dtype)
+    width = sum(output_slices)
+    tokens = x.shape[0]
+    if plan.kind == "single":  # only this slot's rows and columns
+        a_one = a_all.view(slices, slots, rank, -1)[:, plan.slot].reshape(slices * rank, -1)
+        b_one = b_all.view(width, slices, slots, rank)[:, :, plan.slot].reshape(width, slices * rank)
+        shrunk = F.linear(x.float(), a_one)
+        if scale != 1.0:
+            shrunk = shrunk * scale
+        delta = F.linear(shrunk.to(y.dtype), b_one)
+    else:
+        mask = plan.mask(slots).view(tokens, 1, slots, 1)
+        shrunk = F.linear(x.float(), a_all).view(tokens, slices, slots, rank)
+        shrunk = shrunk * (mask if scale == 1.0 else mask * scale)
+        delta = F.linear(shrunk.view(tokens, -1).to(y.dtype), b_all)
+    y[:, :width] += delta
 
 
 def _wrapper_class(base: type) -> type:
@@ -135,13 +233,11 @@ def _wrapper_class(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.moea_plan: StepPlan | None = None
-            self.moea_slots = 0
 
         def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], max_loras: int,
                             vocab_size: int, **kwargs: Any) -> None:  # fmt: skip
             super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-            self.moea_slots = max_loras
-            self.moea_plan = StepPlan(self.token_lora_indices, max_loras)
+            self.moea_plan = StepPlan(self.token_lora_indices)
 
         def add_lora_linear(self, y: Any, x: Any, lora_a_stacked: tuple[Any, ...], lora_b_stacked: tuple[Any, ...],
                             scale: float, output_slices: tuple[int, ...], *, buffer: Any = None,
@@ -155,13 +251,27 @@ def _wrapper_class(base: type) -> type:
                 or kwargs.get("add_inputs", True) is False
                 or x2.shape[0] != plan.tokens
                 or y2.shape[0] != plan.tokens
-                or lora_a_stacked[0].shape[0] != self.moea_slots
             ):
                 return super().add_lora_linear(
                     y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
                 )
+            loaded = getattr(lora_a_stacked[0], SLOTS_ATTRIBUTE, None)
+            if loaded is not None and not (plan.slots_used & loaded):
+                return None  # no adapter of this batch has weights for this layer (e.g. the MLP of a q/k/v/o LoRA)
             apply_lora(plan, y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
             return None
+
+        def add_lora_logits(self, y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, scale: Any,
+                            *, buffer: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+            plan = self.moea_plan
+            loaded = getattr(lora_a_stacked, SLOTS_ATTRIBUTE, None)
+            if plan is not None and (
+                plan.kind == "none" or (loaded is not None and not plan.slots_used & loaded)
+            ):
+                return None  # no adapter of the batch has lm_head weights (the usual case)
+            return super().add_lora_logits(
+                y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+            )
 
     MoeaPunicaWrapperCPU.__qualname__ = MoeaPunicaWrapperCPU.__name__
     return MoeaPunicaWrapperCPU

@@ -59,20 +59,20 @@ def test_apply_lora_matches_the_per_token_reference(indices: list[int], scale: f
     y = torch.randn(len(indices), sum(SLICES), generator=g).to(torch.bfloat16)
     expected = _reference(y, x, idx, a, b, scale)
     got = y.clone()
-    apply_lora(StepPlan(idx, SLOTS), got, x, a, b, scale, SLICES)
+    apply_lora(StepPlan(idx), got, x, a, b, scale, SLICES)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     base_rows = idx < 0
     assert torch.equal(got[base_rows], y[base_rows]), "rows without a LoRA must be left exactly as they were"
 
 
 def test_plan_kinds() -> None:
-    assert StepPlan(torch.tensor([-1, -1]), SLOTS).kind == "none"
-    assert StepPlan(torch.tensor([], dtype=torch.long), SLOTS).kind == "none"
-    single = StepPlan(torch.tensor([1, 1, 1]), SLOTS)
+    assert StepPlan(torch.tensor([-1, -1])).kind == "none"
+    assert StepPlan(torch.tensor([], dtype=torch.long)).kind == "none"
+    single = StepPlan(torch.tensor([1, 1, 1]))
     assert (single.kind, single.slot) == ("single", 1)
-    mixed = StepPlan(torch.tensor([-1, 0, 3]), SLOTS)
-    assert mixed.kind == "mixed" and mixed.mask is not None
-    assert mixed.mask.squeeze(-1).tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
+    mixed = StepPlan(torch.tensor([-1, 0, 3]))
+    assert mixed.kind == "mixed" and mixed.slots_used == {0, 3}
+    assert mixed.mask(SLOTS).squeeze(-1).tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
 
 
 def _installed_class(switch: str | None) -> str:
@@ -190,3 +190,33 @@ def test_kernel_engine_answers_like_vllm_own_ops(stock_and_kernel_engines: list[
         _complete(kernel, *job) != _complete(kernel, DEFAULT_BASE_NAME, job[1]) for job in jobs
     )
     assert lora_changes >= 5, "the fixture LoRAs should change most answers (else this test shows nothing)"
+
+
+def test_cached_matrices_follow_slot_writes() -> None:
+    """With the slot record on (as in an engine), the stacked matrices are cached and a write to a slot
+    (what vLLM's set_lora/reset_lora do, through the recording wrappers) drops the cache."""
+    from types import SimpleNamespace
+
+    from serving.cpu_lora import CACHE_ATTRIBUTE, _after, _loaded_slots
+
+    a, b = _weights(0)
+    layer = SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)
+    set_lora = _after(lambda self, index, weights: self.lora_a_stacked[0][index].copy_(weights),
+                      lambda self, index: _loaded_slots(self).add(index))  # fmt: skip
+    set_lora(layer, 1, torch.ones(1, RANK, HIDDEN))
+    idx = torch.tensor([1, -1, 1])
+    x = torch.randn(3, HIDDEN).to(torch.bfloat16)
+    y = torch.zeros(3, sum(SLICES), dtype=torch.bfloat16)
+    for _ in range(2):  # second call: from the cache
+        got = y.clone()
+        apply_lora(StepPlan(idx), got, x, a, b, 1.0, SLICES)
+        torch.testing.assert_close(
+            got.float(), _reference(y, x, idx, a, b, 1.0).float(), rtol=2e-2, atol=2e-2
+        )
+        assert getattr(a[0], CACHE_ATTRIBUTE) is not None
+    set_lora(layer, 1, torch.full((1, RANK, HIDDEN), -2.0))
+    assert getattr(a[0], CACHE_ATTRIBUTE) is None
+    got = y.clone()
+    apply_lora(StepPlan(torch.tensor([1, 0, -1])), got, x, a, b, 1.0, SLICES)
+    expected = _reference(y, x, torch.tensor([1, 0, -1]), a, b, 1.0)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
