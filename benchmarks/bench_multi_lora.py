@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -69,19 +68,9 @@ PROMPTS = [
 
 def expert_run(root: Path, base: str, n_experts: int) -> Path:
     """A run dir with `n_experts` real PEFT adapters (random weights) named expert0..expertN-1, no router."""
-    from moe_adapters.base_model import DEFAULT_BASE_NAME
-    from tests.serving.conftest import _write_adapter
+    from tests.serving.conftest import build_run_dir
 
-    names = [f"expert{i}" for i in range(n_experts)]
-    for index, name in enumerate(names):
-        _write_adapter(base, root / "experts" / name, 100 + index)
-    run = {"format_version": 1, "base_model": base, "base_model_name": DEFAULT_BASE_NAME, "base_model_sha256": None,
-           "created_at": "2026-01-01T00:00:00+00:00", "mixture_sha256": "0" * 64, "git_commit": None,
-           "tasks": {name: {"kind": "generation", "system_prompt": None} for name in names}}  # fmt: skip
-    (root / "run.json").write_text(json.dumps(run))
-    (root / "metrics.json").write_text(json.dumps({"experts": {}, "router": {}, "train": {}}))
-    (root / "mixture.yaml").write_text("tasks: []\n")
-    return root
+    return build_run_dir(root, base, 10, None, tuple(f"expert{i}" for i in range(n_experts)))
 
 
 async def load(

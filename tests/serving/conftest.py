@@ -69,18 +69,21 @@ def _write_adapter(base: str, out: Path, seed: int) -> None:
     get_peft_model(model, config).save_pretrained(out)
 
 
-def build_run_dir(root: Path, base: str, seed: int, router_dir: Path) -> Path:
-    """A format_version 1 run dir with one adapter per task and a copy of `router_dir`."""
+def build_run_dir(
+    root: Path, base: str, seed: int, router_dir: Path | None, tasks: tuple[str, ...] = TASKS
+) -> Path:
+    """A format_version 1 run dir with one adapter per task and a copy of `router_dir` (None: no router)."""
     import shutil
 
     from moe_adapters.base_model import DEFAULT_BASE_NAME
 
-    for index, task in enumerate(TASKS):
+    for index, task in enumerate(tasks):
         _write_adapter(base, root / "experts" / task, seed * 10 + index)
-    shutil.copytree(router_dir, root / "router")
+    if router_dir is not None:
+        shutil.copytree(router_dir, root / "router")
     run = {"format_version": 1, "base_model": base, "base_model_name": DEFAULT_BASE_NAME, "base_model_sha256": None,
            "created_at": "2026-01-01T00:00:00+00:00", "mixture_sha256": "0" * 64, "git_commit": None,
-           "tasks": {task: {"kind": "generation", "system_prompt": None} for task in TASKS}}  # fmt: skip
+           "tasks": {task: {"kind": "generation", "system_prompt": None} for task in tasks}}  # fmt: skip
     (root / "run.json").write_text(json.dumps(run))
     (root / "metrics.json").write_text(json.dumps({"experts": {}, "router": {}, "train": {}}))
     (root / "mixture.yaml").write_text("tasks: []\n")
