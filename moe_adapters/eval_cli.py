@@ -31,6 +31,20 @@ _SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
     "--systems", default=",".join(_SYSTEMS), show_default=True, help="Comma-separated systems to score."
 )
 @click.option(
+    "--expert",
+    "expert_refs",
+    multiple=True,
+    metavar="TASK=REF",
+    help="Evaluate a registered version for TASK instead of the run's expert, e.g. math=math@2 or "
+    "math=math@prod (repeatable).",
+)
+@click.option(
+    "--registry-url",
+    envvar="MOEA_REGISTRY_URL",
+    default=None,
+    help="Registry for --expert (SQLAlchemy URL; default: MOEA_REGISTRY_URL or the local one).",
+)
+@click.option(
     "--compare",
     nargs=2,
     type=click.Path(exists=True, path_type=Path),
@@ -44,9 +58,14 @@ def eval_command(
     max_examples: int,
     max_new_tokens: int,
     systems: str,
+    expert_refs: tuple[str, ...],
+    registry_url: str | None,
     compare: tuple[Path, Path] | None,
 ) -> None:
-    """Score base, oracle experts, routed MoE, multi-task and random routing on RUN_DIR's test splits."""
+    """Score base, oracle experts, routed MoE, multi-task and random routing on RUN_DIR's test splits.
+
+    With --expert TASK=REF, registered versions replace the run's experts (compare two evals with --compare).
+    """
     from .evaluate import EvalSettings, compare_markdown, evaluate_run, load_eval
 
     if compare:
@@ -61,10 +80,19 @@ def eval_command(
         raise click.BadParameter(
             f"unknown system(s) {unknown}; choose from {', '.join(_SYSTEMS)}", param_hint="--systems"
         )
+    refs = {}
+    for item in expert_refs:
+        task, sep, ref = item.partition("=")
+        if not sep or not task.strip() or not ref.strip():
+            raise click.BadParameter(f"{item!r} is not TASK=REF (e.g. math=math@2)", param_hint="--expert")
+        refs[task.strip()] = ref.strip()
     settings = EvalSettings(
         max_new_tokens=max_new_tokens, max_examples_per_task=max_examples or None, systems=chosen
     )
-    report = evaluate_run(run_dir, multitask_run=multitask_run, out_dir=out_dir, settings=settings)
+    report = evaluate_run(
+        run_dir, multitask_run=multitask_run, out_dir=out_dir, settings=settings,
+        expert_refs=refs, registry_url=registry_url,
+    )  # fmt: skip
     target = out_dir or run_dir
     ratio = report["summary"].get("moe_vs_oracle_mean")
     click.echo(

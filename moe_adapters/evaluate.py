@@ -278,6 +278,31 @@ def _worker(spec_path: Path, out_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ scoring
 
 
+def registered_experts(
+    experts: dict[str, Path], expert_refs: dict[str, str], registry_url: str | None
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Swap run-dir experts for registered versions: ``{task: "name@3" | "name@prod" | "name"}``.
+
+    Returns the adapter folders to use and, per task, the resolved ref (``name@version``)."""
+    from registry.service import Registry
+
+    unknown = sorted(set(expert_refs) - set(experts))
+    if unknown:
+        raise EvalError(
+            f"--expert names task(s) {unknown} that the run has no expert for; tasks: {', '.join(sorted(experts))}"
+        )
+    registry = Registry(registry_url)
+    try:
+        used, resolved = dict(experts), {}
+        for task, ref in expert_refs.items():
+            view = registry.resolve(ref)
+            used[task] = registry.artifact_path(view)
+            resolved[task] = view.ref
+    finally:
+        registry.close()
+    return used, resolved
+
+
 def evaluate_run(
     run_dir: Path | str,
     *,
@@ -285,10 +310,14 @@ def evaluate_run(
     out_dir: Path | str | None = None,
     settings: EvalSettings | None = None,
     console: Any = None,
+    expert_refs: dict[str, str] | None = None,
+    registry_url: str | None = None,
 ) -> dict[str, Any]:
     """Score every system on every task's test split; write eval.json, eval.md and plots into `out_dir`.
 
-    `out_dir` defaults to the run dir. Returns the eval.json content.
+    `out_dir` defaults to the run dir. `expert_refs` ({task: registry ref}) evaluates registered
+    versions in place of the run's experts (oracle and moe systems), read from the registry at
+    `registry_url` (default: $MOEA_REGISTRY_URL or the local one). Returns the eval.json content.
     """
     from rich.console import Console
     from transformers import AutoTokenizer
@@ -303,6 +332,9 @@ def evaluate_run(
     experts, multitask = _expert_dirs(run_dir, Path(multitask_run) if multitask_run else None)
     if not experts and multitask is None:
         raise EvalError(f"{run_dir}/experts has no PEFT adapters: train the run with `moea train`")
+    from_registry: dict[str, str] = {}
+    if expert_refs:
+        experts, from_registry = registered_experts(experts, expert_refs, registry_url)
     tokenizer = AutoTokenizer.from_pretrained(run["base_model"])
     cases = load_test_cases(run_dir, tokenizer, settings.max_examples_per_task)
     routes, router_meta = _route(run_dir, cases, experts, settings)
@@ -326,6 +358,7 @@ def evaluate_run(
             "format_version": FORMAT_VERSION,
             "run_dir": str(run_dir.resolve()),
             "multitask_run": str(multitask_run) if multitask_run else None,
+            "experts_from_registry": from_registry,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "base_model": run["base_model"],
             "settings": json.loads(json.dumps(asdict(settings), default=str)),
@@ -484,6 +517,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} → {v}" for k, v in PRIMARY_METRIC.items())
         + ").",
         "",
+    ]
+    if report.get("experts_from_registry"):
+        used = ", ".join(f"{task} → `{ref}`" for task, ref in sorted(report["experts_from_registry"].items()))
+        lines += [f"Experts from the registry (oracle and moe): {used}; the others from the run dir.", ""]
+    lines += [
         "| task | kind | n | " + " | ".join(systems) + " | moe/oracle | router acc | abstain |",
         "|---" * (len(systems) + 6) + "|",
     ]

@@ -233,7 +233,7 @@ def _tiny_run(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
+def test_tiny_eval_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _tiny_run(tmp_path)
     report = evaluate_run(run, settings=EvalSettings(max_new_tokens=12, max_examples_per_task=6))
     for name in ("eval.json", "eval.md", "eval_scores.png", "eval_confusion.png"):
@@ -258,3 +258,23 @@ def test_tiny_eval_end_to_end(tmp_path: Path) -> None:
     ]
     assert report["generation"]["unique_requests"] < report["generation"]["scored_rows"]
     assert json.loads((run / "eval.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+
+    # Registered versions in place of the run's experts: math evaluated with the registered *tone*
+    # adapter (random LoRA) must stop answering like the base, and the report names the version used.
+    from registry.service import Registry
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("MOEA_STORE_DIR", str(tmp_path / "store"))
+    registry = Registry(url)
+    registry.register_run(run)
+    registry.close()
+    swapped = evaluate_run(
+        run, out_dir=tmp_path / "swapped", expert_refs={"math": "tone"}, registry_url=url,
+        settings=EvalSettings(max_new_tokens=12, max_examples_per_task=6, systems=("base", "oracle")),
+    )  # fmt: skip
+    assert swapped["experts_from_registry"] == {"math": "tone@1"}
+    examples = swapped["tasks"]["math"]["examples"]
+    assert any(e["outputs"]["oracle"].split()[:3] != e["outputs"]["base"].split()[:3] for e in examples)
+    assert "math → `tone@1`" in (tmp_path / "swapped" / "eval.md").read_text()
+    with pytest.raises(EvalError, match="no expert for"):
+        evaluate_run(run, expert_refs={"nope": "tone@1"}, registry_url=url)
