@@ -277,6 +277,38 @@ class Router:
         embeddings = self.encoder.encode(prompts, batch_size=batch_size)
         return torch.softmax(self.head(embeddings).float(), dim=-1).cpu()
 
+    def compile_for_cpu(self) -> float:
+        """Make batch-1 routing fast on CPU: the encoder in bfloat16 (only where the CPU has native bf16
+        matmuls) and ``torch.compile(dynamic=True)`` with inductor freezing, warmed up on a few batch shapes here so requests
+        never wait for a compile. Falls back to the plain encoder (and logs why) when compiling fails,
+        e.g. without a C++ compiler. Returns the seconds spent; no-op off CPU.
+
+        Embeddings stay within cosine 0.9999 of float32 (measured on all-MiniLM-L6-v2), so the head and
+        the threshold chosen in float32 apply unchanged."""
+        if not self.device.startswith("cpu"):
+            return 0.0
+        import logging
+
+        started = time.perf_counter()
+        plain = self.encoder.model
+        try:
+            import torch._inductor.config as inductor_config
+
+            # Freezing folds the (frozen) weights into the graph and prepacks them for oneDNN: 5.5 → 3.8 ms
+            # per batch-1 route measured. It is process-wide; the router is this process's only compile.
+            inductor_config.freezing = True
+            model = plain.to(torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else plain
+            self.encoder.model = torch.compile(model, dynamic=True)
+            warm = "Route this warm-up prompt, which is a little longer than the first one"
+            for batch in (["warm up"], [warm], ["warm up", warm], ["a", warm, "warm up the batch"]):
+                self.route(batch)
+        except Exception as error:  # noqa: BLE001 - any compile failure leaves the plain model
+            logging.getLogger("moea.router").warning(
+                "router compile failed, serving the plain encoder: %s", str(error).splitlines()[0][:200]
+            )
+            self.encoder.model = plain.float()
+        return time.perf_counter() - started
+
     def route(self, prompts: Sequence[str], batch_size: int = 64) -> list[RouteDecision]:
         """One decision per prompt, batched; abstains below the threshold or when out-of-scope wins."""
         if not prompts:

@@ -104,6 +104,13 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
     "--startup-timeout", default=600.0, show_default=True, type=float, help="Seconds to wait for vLLM."
 )
 @click.option("--router-device", default=None, help="Router device (default: cuda if available, else cpu).")
+@click.option(
+    "--router-compile/--no-router-compile",
+    default=True,
+    show_default=True,
+    help="On CPU, serve the router encoder in bf16 (where the CPU has native bf16) with torch.compile: "
+    "~2x lower routing latency for ~15 s more at router load.",
+)
 @click.option("--poll-interval", default=1.0, show_default=True, type=float, help="Registry poll period (s).")
 @click.option(
     "--max-body-bytes", default=1_048_576, show_default=True, type=int, help="Largest request body."
@@ -160,6 +167,7 @@ def run_server(
     log_level: str,
     base_lora_guard: bool | None = None,
     cpu_lora_kernel: bool = True,
+    router_compile: bool = True,
 ) -> None:
     """Build the registry, engine pool and gateway from CLI settings and run uvicorn until stopped."""
     import httpx
@@ -215,6 +223,7 @@ def run_server(
     config = GatewayConfig(
         base_name=base_name, api_keys=_api_keys(api_keys), max_body_bytes=max_body_bytes,
         poll_interval_s=poll_interval, router_device=router_device, base_lora_guard=base_lora_guard,
+        router_compile=router_compile,
     )  # fmt: skip
     writer = RequestLogWriter(registry, metrics_registry=metrics.registry)
     gateway = Gateway(config, registry, pool, request_log=writer)

@@ -111,7 +111,13 @@ class EngineSettings:
             "--dtype", self.dtype,
         ]  # fmt: skip
         if self.enable_lora:
-            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+            cmd += [
+                "--enable-lora",
+                "--max-lora-rank",
+                str(self.max_lora_rank),
+                "--max-loras",
+                str(self.max_loras),
+            ]
         if self.enable_lora and self.max_cpu_loras is not None:
             cmd += ["--max-cpu-loras", str(self.max_cpu_loras)]
         if self.enforce_eager:

@@ -225,6 +225,8 @@ class GatewayConfig:
     """Pinned (on-demand) adapters unused this long are unloaded."""
     router_device: str | None = None
     """Router device; None → cuda when available, else cpu."""
+    router_compile: bool = False
+    """On CPU, serve the router's encoder in bf16 + torch.compile (Router.compile_for_cpu; ~15 s at load)."""
     request_timeout_s: float = 600.0
     """Longest a forwarded request may take."""
     feedback_window: int = 200_000
@@ -272,7 +274,9 @@ class Gateway:
         self.registry = registry
         self.pool = pool
         self.metrics = metrics or pool.metrics
-        self.router = router or RouterRuntime(self.metrics, device=config.router_device)
+        self.router = router or RouterRuntime(
+            self.metrics, device=config.router_device, compile_cpu=config.router_compile
+        )
         self.request_log = request_log
         self.client = pool.client
         self.state: ServingState | None = None

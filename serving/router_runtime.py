@@ -57,7 +57,11 @@ def check_labels(labels: Collection[str], experts: Collection[str], ref: str) ->
 
 
 def load_router(
-    registry: RouterRegistry, view: Any, experts: Collection[str], device: str | None
+    registry: RouterRegistry,
+    view: Any,
+    experts: Collection[str],
+    device: str | None,
+    compile_cpu: bool = False,
 ) -> LoadedRouter:
     """Load a registered router version (blocking: call it in a thread), refusing unknown labels."""
     ref = getattr(view, "ref", f"router@{getattr(view, 'version', '?')}")
@@ -69,6 +73,8 @@ def load_router(
         registry.router_artifact_path(view), device=device, num_threads=1 if on_cpu else None
     )
     check_labels(router.labels, experts, ref)
+    if compile_cpu and on_cpu:
+        log.info("%s: compiled for CPU in %.1f s", ref, router.compile_for_cpu())
     return LoadedRouter(router, ref, tuple(router.labels))
 
 
@@ -82,9 +88,11 @@ class RouterRuntime:
         device: str | None = None,
         max_batch: int = 32,
         max_wait_s: float = 0.001,
+        compile_cpu: bool = False,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.device = device
+        self.compile_cpu = compile_cpu
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.current: LoadedRouter | None = None
@@ -111,7 +119,9 @@ class RouterRuntime:
             self.current = None
             return
         try:
-            loaded = await asyncio.to_thread(load_router, registry, view, experts, self.device)
+            loaded = await asyncio.to_thread(
+                load_router, registry, view, experts, self.device, self.compile_cpu
+            )
         except Exception as error:
             if strict:
                 raise

@@ -216,3 +216,22 @@ def test_base_mean_pool_encoder_trains_and_round_trips(tmp_path: Path) -> None:
     router = Router.load(tmp_path, device="cpu")
     decisions = router.route(task_prompts(5, seed=5)["math"])
     assert sum(d.label == "math" for d in decisions) >= 4
+
+
+def test_compiled_cpu_router_decides_like_the_plain_one(trained: tuple[Path, dict]) -> None:
+    """`moea serve` compiles the CPU router (bf16 where native, torch.compile, freezing): same decisions."""
+    plain, compiled = Router.load(trained[0], device="cpu"), Router.load(trained[0], device="cpu")
+    assert compiled.compile_for_cpu() > 0
+    assert compiled.encoder.model is not plain.encoder.model and hasattr(
+        compiled.encoder.model, "_orig_mod"
+    ), "compile fell back to the plain encoder (see the warning in the log)"
+    prompts = [p for ps in task_prompts(10, seed=11).values() for p in ps] + [
+        "hello there",
+        "Wie spät ist es?",
+    ]
+    want = plain.task_probabilities(prompts)
+    got = torch.cat(
+        [compiled.task_probabilities([p]) for p in prompts[:6]] + [compiled.task_probabilities(prompts[6:])]
+    )
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.0)
+    assert [d.label for d in compiled.route(prompts)] == [d.label for d in plain.route(prompts)]
