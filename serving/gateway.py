@@ -620,8 +620,12 @@ class Gateway:
     async def _relay(
         self, response: httpx.Response, lease: Lease, ex: _Exchange, strip_usage: bool
     ) -> AsyncIterator[bytes]:
-        """Pass SSE events through unchanged; read (and maybe drop) the final usage event."""
+        """Pass SSE events through; the first gets the `moea` field, the final usage event is read (and
+        maybe dropped)."""
         pending = b""
+        first: bytes | None = (
+            b'data: {"moea":' + json.dumps(ex.target.moea_field(), separators=(",", ":")).encode()
+        )
         try:
             async for chunk in response.aiter_raw():
                 pending += chunk
@@ -631,6 +635,8 @@ class Gateway:
                 events, pending = pending[: cut + 2], pending[cut + 2 :]
                 if b'"usage":{' in events and b'"choices":[]' in events:
                     events = self._take_usage(events, ex, strip_usage)
+                if first is not None and events.startswith(b"data: {"):
+                    events, first = first + b"," + events[len(b"data: {") :], None
                 if events:
                     yield events
             if pending:

@@ -144,8 +144,11 @@ def test_pinned_version_and_streaming(client: openai.OpenAI, served: dict[str, o
     assert header == "dates@1" and text
     stream = client.chat.completions.create(model="dates@1", messages=[{"role": "user", "content": prompt}],
                                             max_tokens=16, temperature=0.0, stream=True)
-    streamed = "".join((chunk.choices[0].delta.content or "") for chunk in stream if chunk.choices)
+    chunks = list(stream)
+    streamed = "".join((chunk.choices[0].delta.content or "") for chunk in chunks if chunk.choices)
     assert streamed.strip() == text.strip()
+    moea = (chunks[0].model_extra or {}).get("moea") or {}
+    assert (moea.get("expert"), moea.get("version"), moea.get("routed")) == ("dates", 1, False)
 
 
 def test_completions_endpoint_routes(client: openai.OpenAI, served: dict[str, object]) -> None:
