@@ -124,10 +124,10 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option(
     "--base-lora-guard/--no-base-lora-guard",
-    default=None,
+    default=True,
+    show_default=True,
     help="While experts are loaded, serve the base model through an all-zero identity LoRA (base@0), which "
-    "keeps base answers right on engines without moea's CPU kernel. Uses one LoRA slot. Default: on with "
-    "--engine-url or --no-cpu-lora-kernel, off otherwise.",
+    "keeps base answers right on engines without moea's CPU kernel. Uses one LoRA slot.",
 )
 @click.option(
     "--log-level",
@@ -165,7 +165,7 @@ def run_server(
     poll_interval: float,
     max_body_bytes: int,
     log_level: str,
-    base_lora_guard: bool | None = None,
+    base_lora_guard: bool = True,
     cpu_lora_kernel: bool = True,
     router_compile: bool = True,
 ) -> None:
@@ -205,8 +205,6 @@ def run_server(
         base_name = served_model_name or registered_name
         if not base_name:
             raise ServeError("with --engine-url, give --served-model-name (the engine's --served-model-name)")
-    if base_lora_guard is None:  # engines we did not start may lack the kernel's fix: guard them
-        base_lora_guard = bool(engine_urls) or not cpu_lora_kernel
     client = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0),
         timeout=httpx.Timeout(600.0, connect=5.0),

@@ -252,6 +252,14 @@ def _wrapper_class(base: type) -> type:
                 or x2.shape[0] != plan.tokens
                 or y2.shape[0] != plan.tokens
             ):
+                if not getattr(self, "moea_fallback_logged", False):
+                    self.moea_fallback_logged = True
+                    log.warning(
+                        "moea CPU LoRA kernel: a layer call it does not handle went to vLLM's ops "
+                        "(plan %s, buffer %s, kwargs %s, x %s, y %s)",
+                        None if plan is None else (plan.kind, plan.tokens), buffer is not None,
+                        sorted(kwargs), tuple(x2.shape), tuple(y2.shape),
+                    )  # fmt: skip
                 return super().add_lora_linear(
                     y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
                 )
