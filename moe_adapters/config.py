@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import yaml
 
+from moe_adapters.prompting import PromptPolicy, PromptSpec
+
 TaskKind = Literal["generation", "classification", "math", "extraction"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -54,8 +56,17 @@ class TaskConfig:
     """Column holding the user prompt."""
     response_field: str = "response"
     """Column holding the target response."""
+    messages_field: str = "messages"
+    """Column holding a chat ``[{"role", "content"}, ...]`` list (multi-turn allowed, ending with the
+    assistant answer); a row that has it is read as messages instead of ``prompt_field``/``response_field``.
+    The loss is on assistant turns only."""
     system_prompt: str | None = None
-    """System message put in front of every prompt of this task (training and serving); None: none."""
+    """The task's instruction as a system message, applied the same way in training, ``moea eval`` and by
+    the serving gateway (see ``prompt_policy``); None: none."""
+    prompt_policy: PromptPolicy = "if-absent"
+    """How ``system_prompt`` meets a request's own system message: ``if-absent`` (added when the request
+    has none), ``prepend`` (always first; the request's own system text follows it) or ``never`` (messages
+    as given; use with data that carries its own system messages)."""
     kind: TaskKind = "generation"
     """Drives the eval metric: generation (ROUGE/BLEU), classification (accuracy), math (exact answer),
     extraction (exact/F1)."""
@@ -65,6 +76,10 @@ class TaskConfig:
     """Explicit validation file; otherwise validation rows are split off ``files``."""
     test_file: Path | None = None
     """Explicit test file; otherwise test rows are split off ``files``."""
+
+    def prompt_spec(self) -> PromptSpec | None:
+        """What shapes this task's prompts besides the chat template (None: nothing)."""
+        return PromptSpec(self.system_prompt, self.prompt_policy) if self.system_prompt else None
 
 
 @dataclass
@@ -120,7 +135,11 @@ class TrainConfig:
     batch_size: int = 8
     """Rows per step (including replay rows)."""
     max_length: int = 256
-    """Longest chat-templated prompt + response in tokens; longer rows are reported as errors."""
+    """Longest chat-templated prompt + response in tokens (see ``long_rows`` for longer rows)."""
+    long_rows: Literal["error", "skip", "truncate"] = "error"
+    """Train/val rows over ``max_length``: ``error`` (reported with file:line, nothing trains), ``skip``
+    (dropped and counted) or ``truncate`` (the last user message is cut from the left, never the answer;
+    counted). Test rows are never cut: ``moea eval`` sends them as a client would."""
     grad_clip: float = 1.0
     """Max global gradient norm per step; 0 disables clipping."""
     gradient_checkpointing: bool = False
@@ -380,6 +399,11 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
         key = f"tasks[{i}]({task.name})"
         if not isinstance(task.name, str) or not TASK_NAME_RE.match(task.name):
             errors.append(f"{key}.name: must match [a-z0-9][a-z0-9_-]* (e.g. 'sentiment_en')")
+        if task.prompt_policy == "never" and task.system_prompt:
+            errors.append(
+                f"{key}.prompt_policy: 'never' uses the messages as given, so system_prompt would be used "
+                "nowhere; remove system_prompt or use if-absent / prepend"
+            )
         if not task.files:
             errors.append(f"{key}.files: at least one data file is required")
         for f in [*task.files, task.val_file, task.test_file]:

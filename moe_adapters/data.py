@@ -1,9 +1,12 @@
 """Load, validate, de-duplicate, split and tokenize the tasks of a mixture.
 
-Every row of every file is checked before any training starts; all problems (missing field, empty text,
-too long for ``train.max_length`` after chat templating) are reported together with file and line number
-in one :class:`DataValidationError`. Prompts go through the base tokenizer's chat template (with the task's
-system prompt, if any); labels mask everything except the response tokens and the closing EOS.
+A row is either ``{prompt, response}`` columns or a chat ``messages`` list (``[{"role", "content"}, ...]``,
+multi-turn included, ending with the assistant turn to learn). Every row of every file is checked before
+any training starts; all problems (missing field, bad message list, empty text, too long for
+``train.max_length`` after chat templating) are reported together with file and line number in one
+:class:`DataValidationError`. What the expert sees is decided by :func:`moe_adapters.prompting.expert_messages`
+(the task's system prompt and ``prompt_policy``, the same rule the gateway applies) and the base tokenizer's
+chat template; labels mask everything except the assistant turns and their closing EOS.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from moe_adapters.config import MixtureConfig, SplitConfig, TaskConfig
+from moe_adapters.prompting import PromptSpec, expert_messages, render_chat
 
 IGNORE_INDEX = -100
 """Label value ignored by the loss (prompt and padding positions)."""
@@ -33,19 +37,37 @@ class DataValidationError(ValueError):
         super().__init__(head + "\n  " + "\n  ".join(problems))
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Row:
-    """One loaded row: ``{"prompt", "response", "system"}`` (per README "Module contracts") plus where it came from."""
+    """One loaded row (README "Module contracts"): the client's messages and the answer to learn.
+
+    ``prompt`` is the last user message (what the router reads), ``response`` the final assistant turn (the
+    eval reference); ``history`` holds the messages before that user message (the row's own system
+    message, earlier turns) as ``(role, content)`` pairs. Single-turn ``{prompt, response}`` rows have none.
+    """
 
     prompt: str
     response: str
-    system: str | None
     source: str
     """``file:line`` (JSONL/CSV) or ``file:row N`` (Parquet), for error messages."""
+    history: tuple[tuple[str, str], ...] = ()
 
-    def as_dict(self) -> dict[str, str | None]:
+    def client_messages(self) -> list[dict[str, str]]:
+        """What a client sends for this row: history + the user message (no task system prompt)."""
+        return [{"role": r, "content": c} for r, c in self.history] + [
+            {"role": "user", "content": self.prompt}
+        ]
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The whole conversation: client messages + the assistant answer."""
+        return [*self.client_messages(), {"role": "assistant", "content": self.response}]
+
+    def as_dict(self) -> dict[str, Any]:
         """The contract's row shape."""
-        return {"prompt": self.prompt, "response": self.response, "system": self.system}
+        return {"prompt": self.prompt, "response": self.response, "messages": self.conversation()}
 
 
 @dataclass
@@ -74,7 +96,9 @@ class TaskData:
     rows_loaded: int = 0
     """Rows read from all files of the task (before de-duplication)."""
     duplicates_dropped: int = 0
-    """Exact duplicates (system, prompt, response) removed, incl. training rows repeated in val/test."""
+    """Exact duplicates (messages and response) removed, incl. training rows repeated in val/test."""
+    long_rows: dict[str, int] = field(default_factory=dict)
+    """Train/val rows over ``train.max_length`` handled by ``train.long_rows``: ``skipped``, ``truncated``."""
 
     @property
     def name(self) -> str:
@@ -98,8 +122,11 @@ class MixtureData:
         return {n: t.duplicates_dropped for n, t in self.tasks.items()}
 
 
-def load_mixture_data(config: MixtureConfig, tokenizer: Any) -> MixtureData:
-    """Load every task, validate all rows, drop duplicates, split and tokenize; raise on any bad row."""
+def load_mixture_data(config: MixtureConfig, tokenizer: Any, *, single_adapter: bool = False) -> MixtureData:
+    """Load every task, validate all rows, drop duplicates, split and tokenize; raise on any bad row.
+
+    Each task's rows are rendered the way its expert is served (:func:`training_prompt_spec`).
+    """
     problems: list[str] = []
     tasks: dict[str, TaskData] = {}
     for task in config.tasks:
@@ -115,10 +142,18 @@ def load_mixture_data(config: MixtureConfig, tokenizer: Any) -> MixtureData:
         tasks[task.name] = TaskData(
             task, train, val, test, rows_loaded=loaded, duplicates_dropped=dups + len(leaked)
         )
+    max_length, policy = config.train.max_length, config.train.long_rows
     for data in tasks.values():
-        data.train_examples = tokenize_rows(data.train, tokenizer, config.train.max_length, problems)
-        data.val_examples = tokenize_rows(data.val, tokenizer, config.train.max_length, problems)
-        tokenize_rows(data.test, tokenizer, config.train.max_length, problems)
+        spec = training_prompt_spec(data.config, single_adapter)
+        counts = data.long_rows = {"skipped": 0, "truncated": 0}
+        data.train, data.train_examples = tokenize_rows(
+            data.train, tokenizer, max_length, problems, spec=spec, long_rows=policy, counts=counts
+        )
+        data.val, data.val_examples = tokenize_rows(
+            data.val, tokenizer, max_length, problems, spec=spec, long_rows=policy, counts=counts
+        )
+        if policy == "error":  # test rows are sent to eval as a client would send them, never cut
+            tokenize_rows(data.test, tokenizer, max_length, problems, spec=spec)
         if not data.train and not problems:
             problems.append(f"task {data.name}: no training rows left after de-duplication and splitting")
     if problems:
@@ -206,7 +241,15 @@ def _read_jsonl(path: Path, problems: list[str] | None) -> list[tuple[str, dict[
     return records
 
 
+def training_prompt_spec(task: TaskConfig, single_adapter: bool = False) -> PromptSpec | None:
+    """The spec a task's rows are trained with: the task's own, or none for the single multi-task adapter
+    (served under one name without a router, it gets no task's system prompt at serving time either)."""
+    return None if single_adapter and not task.replay else task.prompt_spec()
+
+
 def _to_row(task: TaskConfig, record: dict[str, Any], source: str, problems: list[str]) -> Row | None:
+    if record.get(task.messages_field) is not None:
+        return _messages_row(task, record[task.messages_field], source, problems)
     values: dict[str, str] = {}
     ok = True
     for field_name in (task.prompt_field, task.response_field):
@@ -227,16 +270,46 @@ def _to_row(task: TaskConfig, record: dict[str, Any], source: str, problems: lis
         values[field_name] = text
     if not ok:
         return None
-    return Row(values[task.prompt_field], values[task.response_field], task.system_prompt, source)
+    return Row(values[task.prompt_field], values[task.response_field], source)
 
 
-def _key(row: Row) -> tuple[str | None, str, str]:
-    return (row.system, row.prompt, row.response)
+def _messages_row(task: TaskConfig, messages: Any, source: str, problems: list[str]) -> Row | None:
+    """A chat ``messages`` row: [system] (user, assistant)+ ... ending with the assistant turn to learn."""
+    where = f"{source}: field {task.messages_field!r}"
+    if not isinstance(messages, list) or not messages:
+        problems.append(f"{where} must be a non-empty list of {{role, content}} messages")
+        return None
+    pairs: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            problems.append(f"{where}[{i}]: role must be one of {list(CHAT_ROLES)}, got {role!r}")
+            return None
+        if not isinstance(content, str) or not content.strip():
+            problems.append(f"{where}[{i}] ({role}): content must be non-empty text")
+            return None
+        if role == "system" and i > 0:
+            problems.append(f"{where}[{i}]: a system message may only come first")
+            return None
+        pairs.append((role, content))
+    if len(pairs) < 2 or pairs[-1][0] != "assistant" or pairs[-2][0] != "user":
+        problems.append(f"{where} must end with a user message followed by the assistant answer to learn")
+        return None
+    turns = [r for r, _ in pairs if r != "system"]
+    if any(a == b for a, b in zip(turns, turns[1:], strict=False)):
+        problems.append(f"{where}: user and assistant messages must alternate")
+        return None
+    return Row(pairs[-2][1], pairs[-1][1], source, tuple(pairs[:-2]))
+
+
+def _key(row: Row) -> tuple[tuple[tuple[str, str], ...], str, str]:
+    return (row.history, row.prompt, row.response)
 
 
 def deduplicate(rows: list[Row]) -> tuple[list[Row], int]:
-    """Drop exact duplicates (same system, prompt and response), keeping the first; return (rows, dropped)."""
-    seen: set[tuple[str | None, str, str]] = set()
+    """Drop exact duplicates (same messages and response), keeping the first; return (rows, dropped)."""
+    seen: set[tuple[tuple[tuple[str, str], ...], str, str]] = set()
     kept = []
     for row in rows:
         key = _key(row)
@@ -276,37 +349,112 @@ def _share(available: int, fraction: float, of_total: int | None = None) -> int:
     return min(max(1, round(total * fraction)), available - 1)
 
 
-def tokenize_rows(rows: list[Row], tokenizer: Any, max_length: int, problems: list[str]) -> list[Example]:
-    """Chat-template and tokenize rows; rows longer than ``max_length`` are reported in ``problems``."""
+def tokenize_rows(
+    rows: list[Row],
+    tokenizer: Any,
+    max_length: int,
+    problems: list[str],
+    *,
+    spec: PromptSpec | None = None,
+    long_rows: str = "error",
+    counts: dict[str, int] | None = None,
+) -> tuple[list[Row], list[Example]]:
+    """Render rows as their expert sees them (``spec``), tokenize, and handle rows over ``max_length``.
+
+    ``long_rows``: ``error`` (each one goes to ``problems``), ``skip`` (dropped) or ``truncate`` (the last
+    user message is cut from the left until the row fits; the answer is never cut, a row whose answer
+    alone does not fit is skipped). Returns the kept rows (truncated ones as trained) and their examples;
+    ``counts`` receives ``skipped`` / ``truncated``.
+    """
     if not rows:
-        return []
+        return [], []
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataValidationError(["the base tokenizer has no eos_token; set one in tokenizer_config.json"])
-    prompts = [render_prompt(tokenizer, r.prompt, r.system) for r in rows]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([r.response for r in rows], add_special_tokens=False)["input_ids"]
-    examples = []
-    for row, p_ids, r_ids in zip(rows, prompt_ids, response_ids, strict=True):
-        total = len(p_ids) + len(r_ids) + 1
-        if total > max_length:
-            problems.append(
-                f"{row.source}: {total} tokens after chat templating > train.max_length={max_length} "
-                "(shorten the row or raise train.max_length)"
-            )
-            continue
-        examples.append(
-            Example(list(p_ids) + list(r_ids) + [eos], [IGNORE_INDEX] * len(p_ids) + list(r_ids) + [eos])
+    counts = counts if counts is not None else {}
+    kept: list[Row] = []
+    examples: list[Example] = []
+    for row in rows:
+        example = tokenize_conversation(
+            tokenizer, expert_messages(row.conversation(), spec), problems, row.source
         )
-    return examples
+        if example is None:
+            continue
+        total = len(example.input_ids)
+        if total > max_length and long_rows == "truncate":
+            row, example = _truncate(row, tokenizer, spec, max_length, problems)
+            counts["truncated"] = counts.get("truncated", 0) + (example is not None)
+        if example is None or len(example.input_ids) > max_length:
+            if long_rows == "error":
+                problems.append(
+                    f"{row.source}: {total} tokens after chat templating > train.max_length={max_length} "
+                    "(shorten the row, raise train.max_length or set train.long_rows: skip | truncate)"
+                )
+            else:
+                counts["skipped"] = counts.get("skipped", 0) + 1
+            continue
+        kept.append(row)
+        examples.append(example)
+    return kept, examples
 
 
-def render_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
-    """The chat-templated prompt text ending with the assistant header (what vLLM's chat endpoint builds)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], problems: list[str], source: str
+) -> Example | None:
+    """Token ids of a conversation with the loss on every assistant turn (and its closing EOS) only.
+
+    Each assistant turn is preceded by the chat-templated text up to its assistant header, exactly as the
+    template renders the conversation so far for generation; a template that rewrites earlier turns
+    when later ones are added cannot be trained turn by turn and is reported.
+    """
+    eos_id, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    ids: list[int] = []
+    labels: list[int] = []
+    emitted = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render_chat(tokenizer, messages[:k])
+        if not prefix.startswith(emitted):
+            problems.append(
+                f"{source}: the base model's chat template renders earlier turns differently once later "
+                "turns are added; train multi-turn rows as one row per assistant turn"
+            )
+            return None
+        prompt_ids = tokenizer(prefix[len(emitted) :], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
+        ids += [*prompt_ids, *answer_ids, eos_id]
+        labels += [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, eos_id]
+        emitted = prefix + message["content"] + eos_text
+    return Example(ids, labels)
+
+
+def _truncate(
+    row: Row, tokenizer: Any, spec: PromptSpec | None, max_length: int, problems: list[str]
+) -> tuple[Row, Example | None]:
+    """Cut the row's last user message from the left until the row fits (a few re-tokenizations at most)."""
+    prompt_ids = tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
+    example = None
+    for _ in range(4):
+        full = tokenize_conversation(
+            tokenizer, expert_messages(row.conversation(), spec), problems, row.source
+        )
+        if full is None:
+            return row, None
+        over = len(full.input_ids) - max_length
+        if over <= 0:
+            return row, full
+        if over >= len(prompt_ids):
+            return row, None  # even an empty user message would not fit: the answer is never cut
+        prompt_ids = prompt_ids[over:]
+        row = Row(tokenizer.decode(prompt_ids).lstrip() or "…", row.response, row.source, row.history)
+    return row, example
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], spec: PromptSpec | None = None) -> str:
+    """The chat-templated prompt the expert with ``spec`` sees for a client's ``messages`` (ending with the
+    assistant header: what the gateway's vLLM chat endpoint builds for the same request)."""
+    return render_chat(tokenizer, expert_messages(messages, spec))
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

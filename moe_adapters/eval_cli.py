@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-_SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
+from .evaluate import GENERATED_SYSTEMS as _SYSTEMS
 
 
 @click.command("eval")
@@ -45,6 +45,14 @@ _SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
     help="Registry for --expert (SQLAlchemy URL; default: MOEA_REGISTRY_URL or the local one).",
 )
 @click.option(
+    "--endpoint",
+    metavar="URL",
+    help="Also score a running `moea serve` (e.g. http://127.0.0.1:8000/v1) as system `served`: the same "
+    "client messages, greedy, same --max-new-tokens; the report says how often it agrees with `moe`.",
+)
+@click.option("--endpoint-model", default="moe", show_default=True, help="model= sent to --endpoint.")
+@click.option("--api-key", envvar="MOEA_API_KEY", default=None, help="Bearer token for --endpoint.")
+@click.option(
     "--compare",
     nargs=2,
     type=click.Path(exists=True, path_type=Path),
@@ -60,6 +68,9 @@ def eval_command(
     systems: str,
     expert_refs: tuple[str, ...],
     registry_url: str | None,
+    endpoint: str | None,
+    endpoint_model: str,
+    api_key: str | None,
     compare: tuple[Path, Path] | None,
 ) -> None:
     """Score base, oracle experts, routed MoE, multi-task and random routing on RUN_DIR's test splits.
@@ -87,8 +98,9 @@ def eval_command(
             raise click.BadParameter(f"{item!r} is not TASK=REF (e.g. math=math@2)", param_hint="--expert")
         refs[task.strip()] = ref.strip()
     settings = EvalSettings(
-        max_new_tokens=max_new_tokens, max_examples_per_task=max_examples or None, systems=chosen
-    )
+        max_new_tokens=max_new_tokens, max_examples_per_task=max_examples or None, systems=chosen,
+        endpoint=endpoint, endpoint_model=endpoint_model, endpoint_api_key=api_key,
+    )  # fmt: skip
     report = evaluate_run(
         run_dir, multitask_run=multitask_run, out_dir=out_dir, settings=settings,
         expert_refs=refs, registry_url=registry_url,
@@ -96,6 +108,6 @@ def eval_command(
     target = out_dir or run_dir
     ratio = report["summary"].get("moe_vs_oracle_mean")
     click.echo(
-        f"wrote {target / 'eval.json'}, eval.md, eval_scores.png, eval_confusion.png"
+        f"wrote {target / 'eval.json'}, eval.md, eval_outputs.jsonl, eval_scores.png, eval_confusion.png"
         + (f"; routed = {ratio:.1%} of oracle" if ratio is not None else "")
     )

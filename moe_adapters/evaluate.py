@@ -1,13 +1,16 @@
 """`moea eval`: score a run's systems side by side on every task's test split.
 
-Systems (all see the same chat messages: the test row's system prompt + prompt, greedy decoding):
+Every system gets what ``moea serve`` returns to a client that sends the test row's messages (the user
+prompt, plus any system message or earlier turns the row itself carries; never the task's system
+prompt): each adapter's prompt is built by :func:`moe_adapters.prompting.expert_messages` with that
+adapter's own system prompt and policy — the function the gateway calls — and greedy decoding.
 
-- ``base``: the base model alone;
+- ``base``: the base model alone (no system prompt added, as for ``model=<base>``);
 - ``oracle``: each task's own expert on its own task (the upper bound for routing);
 - ``moe``: the learned router picks the expert; abstain → base (what `moea serve` does);
 - ``random``: a uniformly random expert per prompt (what routing is worth);
 - ``multitask``: one LoRA trained on all tasks, when the run (or `multitask_run`) has
-  ``experts/multitask``.
+  ``experts/multitask`` (served under one name, it gets no task's system prompt).
 
 Replay tasks (mixture ``replay: true``) have no expert; they are scored as a "general" set, base vs
 routed, so forgetting caused by misrouting general prompts to an expert is visible.
@@ -35,10 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import PRIMARY_METRIC, score_task
+from .prompting import PromptSpec, version_prompt_spec
 
 FORMAT_VERSION = 1
+OUTPUTS_NAME = "eval_outputs.jsonl"
+"""Every scored row with each system's answer, next to eval.json."""
 BASE = "base"
-SYSTEM_ORDER = ("base", "oracle", "moe", "multitask", "random")
+SYSTEM_ORDER = ("base", "oracle", "moe", "served", "multitask", "random")
+GENERATED_SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
+"""Systems eval generates itself; ``served`` is the live endpoint (``EvalSettings.endpoint``)."""
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -54,8 +62,15 @@ class EvalSettings:
     """Tokens generated per answer (greedy)."""
     max_examples_per_task: int | None = 200
     """Cap on test rows per task (first N of the deterministic split); None = all."""
-    systems: tuple[str, ...] = SYSTEM_ORDER
+    systems: tuple[str, ...] = GENERATED_SYSTEMS
     """Systems to score; `multitask` is skipped when no multi-task adapter exists."""
+    endpoint: str | None = None
+    """A running `moea serve` (`http://host:port/v1`): its answers to the same client messages are scored
+    as system ``served``, next to ``moe`` (what eval predicts it returns)."""
+    endpoint_model: str = "moe"
+    """`model=` sent to the endpoint."""
+    endpoint_api_key: str | None = None
+    """Bearer token for the endpoint."""
     seed: int = 0
     """Seed of the uniform random routing baseline."""
     router_device: str | None = "cpu"
@@ -75,7 +90,9 @@ class _Case:
     task: str
     kind: str
     prompt: str
-    system: str | None
+    """The last user message (what the router reads)."""
+    messages: list[dict[str, str]]
+    """What the client sends: the row's own messages up to and including that user message."""
     reference: str
     replay: bool
 
@@ -104,7 +121,8 @@ def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = No
     for name, task in data.tasks.items():
         rows = task.test if max_per_task is None else task.test[:max_per_task]
         cases += [
-            _Case(name, task.config.kind, r.prompt, r.system, r.response, task.config.replay) for r in rows
+            _Case(name, task.config.kind, r.prompt, r.client_messages(), r.response, task.config.replay)
+            for r in rows
         ]
     if not cases:
         raise EvalError(f"no test rows in {mixture_path}: set splits.test > 0 or give tasks a test_file")
@@ -154,7 +172,9 @@ def _plan(
     plan = _Plan()
     labels = sorted(experts)
     rng = random.Random(settings.seed)
-    wanted = [s for s in settings.systems if s != "multitask" or multitask is not None]
+    wanted = [
+        s for s in settings.systems if s in GENERATED_SYSTEMS and (s != "multitask" or multitask is not None)
+    ]
     for system in wanted:
         plan.systems[system] = [-1] * len(cases)
     for i, case in enumerate(cases):
@@ -280,10 +300,11 @@ def _worker(spec_path: Path, out_path: Path) -> None:
 
 def registered_experts(
     experts: dict[str, Path], expert_refs: dict[str, str], registry_url: str | None
-) -> tuple[dict[str, Path], dict[str, str]]:
+) -> tuple[dict[str, Path], dict[str, str], dict[str, PromptSpec | None]]:
     """Swap run-dir experts for registered versions: ``{task: "name@3" | "name@prod" | "name"}``.
 
-    Returns the adapter folders to use and, per task, the resolved ref (``name@version``)."""
+    Returns the adapter folders to use, per task the resolved ref (``name@version``) and the prompt spec
+    recorded with that version (what the gateway applies when serving it)."""
     from registry.service import Registry
 
     unknown = sorted(set(expert_refs) - set(experts))
@@ -293,14 +314,40 @@ def registered_experts(
         )
     registry = Registry(registry_url)
     try:
-        used, resolved = dict(experts), {}
+        used, resolved, specs = dict(experts), {}, {}
         for task, ref in expert_refs.items():
             view = registry.resolve(ref)
             used[task] = registry.artifact_path(view)
             resolved[task] = view.ref
+            specs[task] = version_prompt_spec(view)
     finally:
         registry.close()
-    return used, resolved
+    return used, resolved, specs
+
+
+def adapter_prompt_specs(run: dict[str, Any], adapters: Sequence[str]) -> dict[str, PromptSpec | None]:
+    """Prompt spec of each run-dir adapter, as recorded in run.json and registered with the version."""
+    tasks = run.get("tasks") or {}
+    return {name: PromptSpec.from_record(tasks.get(name)) for name in adapters}
+
+
+def request_prompt_ids(
+    tokenizer: Any,
+    cases: list[_Case],
+    requests: list[tuple[str | None, int]],
+    specs: dict[str, PromptSpec | None],
+) -> list[list[int]]:
+    """Token ids of each (adapter, case) request: the case's client messages as the gateway would build
+    them for that adapter (:func:`moe_adapters.data.render_prompt` → prompting.expert_messages)."""
+    from .data import render_prompt
+
+    return [
+        tokenizer(
+            render_prompt(tokenizer, cases[c].messages, specs.get(adapter) if adapter else None),
+            add_special_tokens=False,
+        )["input_ids"]
+        for adapter, c in requests
+    ]
 
 
 def evaluate_run(
@@ -322,8 +369,6 @@ def evaluate_run(
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from .data import render_prompt
-
     settings = settings or EvalSettings()
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
@@ -333,26 +378,31 @@ def evaluate_run(
     if not experts and multitask is None:
         raise EvalError(f"{run_dir}/experts has no PEFT adapters: train the run with `moea train`")
     from_registry: dict[str, str] = {}
+    specs = adapter_prompt_specs(run, [*experts, "multitask"])
     if expert_refs:
-        experts, from_registry = registered_experts(experts, expert_refs, registry_url)
+        experts, from_registry, registered_specs = registered_experts(experts, expert_refs, registry_url)
+        specs.update(registered_specs)
     tokenizer = AutoTokenizer.from_pretrained(run["base_model"])
     cases = load_test_cases(run_dir, tokenizer, settings.max_examples_per_task)
     routes, router_meta = _route(run_dir, cases, experts, settings)
     plan = _plan(cases, routes, experts, multitask, settings)
     adapters = dict(experts) | ({"multitask": multitask} if multitask is not None else {})
-    prompt_ids = [
-        tokenizer(render_prompt(tokenizer, cases[c].prompt, cases[c].system), add_special_tokens=False)[
-            "input_ids"
-        ]
-        for _, c in plan.requests
-    ]
+    prompt_ids = request_prompt_ids(tokenizer, cases, plan.requests, specs)
     n_rows = sum(sum(1 for r in ids if r >= 0) for ids in plan.systems.values())
     console.print(
         f"eval: {len(cases)} test rows, {len(plan.systems)} systems, {len(plan.requests)} unique "
         f"generations (of {n_rows}) with {len(adapters)} adapters …"
     )
     texts, stats = generate(run["base_model"], adapters, prompt_ids, [a for a, _ in plan.requests], settings)
+    served = None
+    if settings.endpoint:
+        served_texts, served_routes = query_endpoint(cases, settings)
+        plan.systems["served"] = list(range(len(texts), len(texts) + len(cases)))
+        texts = texts + served_texts
+        served = _served_report(cases, routes, served_routes, plan, texts, settings)
     report = _score(cases, routes, plan, texts, sorted(experts))
+    if served is not None:
+        report["served"] = served
     report.update(
         {
             "format_version": FORMAT_VERSION,
@@ -367,8 +417,77 @@ def evaluate_run(
         }
     )
     write_reports(report, out)
+    write_outputs(cases, routes, plan, texts, out / OUTPUTS_NAME)
     console.print(render_markdown(report))
     return report
+
+
+def write_outputs(
+    cases: list[_Case], routes: list[str | None], plan: _Plan, texts: list[str], path: Path
+) -> None:
+    """Every scored row, one JSON line: task, the client messages, reference, route and each system's answer
+    (for error analysis, and to compare eval with the live endpoint request by request)."""
+    lines = []
+    for i, case in enumerate(cases):
+        outputs = {system: texts[ids[i]] for system, ids in plan.systems.items() if ids[i] >= 0}
+        row = {"task": case.task, "messages": case.messages, "reference": case.reference, "route": routes[i]}
+        lines.append(json.dumps({**row, "outputs": outputs}, ensure_ascii=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def query_endpoint(cases: list[_Case], settings: EvalSettings) -> tuple[list[str], list[str | None]]:
+    """Each case's client messages sent to the live endpoint (greedy, same token budget): answers and the
+    expert that answered (the response's `moea` field; None = base)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.endpoint_api_key}"} if settings.endpoint_api_key else {}
+    url = f"{str(settings.endpoint).rstrip('/')}/chat/completions"
+
+    with httpx.Client(timeout=settings.worker_timeout_s, headers=headers) as http:
+
+        def ask(case: _Case) -> tuple[str, str | None]:
+            body = {
+                "model": settings.endpoint_model,
+                "messages": case.messages,
+                "max_tokens": settings.max_new_tokens,
+                "temperature": 0.0,
+            }
+            response = http.post(url, json=body)
+            if response.status_code != 200:
+                raise EvalError(f"{url} answered {response.status_code}: {response.text[:300]}")
+            data = response.json()
+            return data["choices"][0]["message"]["content"] or "", (data.get("moea") or {}).get("expert")
+
+        try:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                answers = list(pool.map(ask, cases))
+        except httpx.HTTPError as error:
+            raise EvalError(f"cannot reach the endpoint {url}: {error}") from None
+    return [a for a, _ in answers], [r for _, r in answers]
+
+
+def _served_report(
+    cases: list[_Case],
+    routes: list[str | None],
+    served_routes: list[str | None],
+    plan: _Plan,
+    texts: list[str],
+    settings: EvalSettings,
+) -> dict[str, Any]:
+    """How far the live endpoint agrees with eval's own `moe` system, request by request."""
+    moe, served = plan.systems.get("moe"), plan.systems["served"]
+    same = [texts[moe[i]] == texts[served[i]] for i in range(len(cases))] if moe else []
+    return {
+        "endpoint": settings.endpoint,
+        "model": settings.endpoint_model,
+        "requests": len(cases),
+        "same_route": sum(a == b for a, b in zip(routes, served_routes, strict=True)) / len(cases),
+        "same_answer_as_moe": sum(same) / len(same) if same else None,
+    }
 
 
 def _route(
@@ -582,6 +701,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {system} | {_fmt(m['empty_rate'])} | {_fmt(m['repetition_rate'])} "
                 f"| {_fmt(m['length_ratio'])} |"
             )
+    served = report.get("served")
+    if served:
+        lines += [
+            "",
+            f"Live endpoint (`served`): {served['endpoint']} with model `{served['model']}`, "
+            f"{served['requests']} requests; same route as eval's router: {_fmt(served['same_route'])}, "
+            f"same answer as eval's `moe`: {_fmt(served['same_answer_as_moe'])}.",
+        ]
     gen = report.get("generation", {})
     if gen:
         lines += [

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -135,7 +136,8 @@ def train_mixture(
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
     tokenizer = _load_tokenizer(base_path)
-    data = load_mixture_data(config, tokenizer)
+    data = load_mixture_data(config, tokenizer, single_adapter=single_adapter)
+    report_long_rows(data, config.train.long_rows)
     expert_tasks = [t.name for t in config.expert_tasks]
     probabilities = temperature_probabilities(
         {t: data.sizes()[t] for t in expert_tasks}, config.sampling.temperature, config.sampling.cap
@@ -155,6 +157,18 @@ def train_mixture(
     finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
     checkpoint.unlink(missing_ok=True)
     return out_dir
+
+
+def report_long_rows(data: MixtureData, policy: str) -> None:
+    """One line per task whose rows over train.max_length were skipped or truncated (train.long_rows)."""
+    for name, task in data.tasks.items():
+        done = {k: v for k, v in task.long_rows.items() if v}
+        if done:
+            what = ", ".join(f"{v} {k}" for k, v in done.items())
+            print(
+                f"task {name}: rows over train.max_length: {what} (train.long_rows: {policy})",
+                file=sys.stderr,
+            )
 
 
 def _load_tokenizer(base_path: str) -> Any:
@@ -578,6 +592,7 @@ def finalize_run(
                 "train": len(t.train),
                 "val": len(t.val),
                 "test": len(t.test),
+                "long_rows": dict(t.long_rows),
             }
             for n, t in trainer.data.tasks.items()
         },
@@ -604,7 +619,8 @@ def finalize_run(
         "git_commit": _git_commit(),
         "single_adapter": single_adapter,
         "tasks": {
-            t.name: {"kind": t.kind, "system_prompt": t.system_prompt} for t in trainer.config.expert_tasks
+            t.name: {"kind": t.kind, "system_prompt": t.system_prompt, "prompt_policy": t.prompt_policy}
+            for t in trainer.config.expert_tasks
         },
     }
     (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")

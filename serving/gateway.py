@@ -7,6 +7,7 @@ Request path (one JSON parse, no blocking call on the event loop)::
                 model="NAME" → running experiment's arm (sticky per user) or alias prod / latest
                 model="NAME@3" / "NAME@prod" / "NAME@latest" → that version;  model=<base> → no LoRA
                 (or the all-zero identity LoRA `base@0` while experts are loaded: base-LoRA guard)
+      → chat messages as the expert was trained on them (moe_adapters.prompting: its system prompt)
       → lease on a replica (adapter affinity; loads a pinned version on demand)
       → forward with the shared pooled httpx client (streams pass through event by event)
       → headers x-moea-expert / x-moea-experiment, JSON field "moea", metrics, request log record
@@ -31,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moe_adapters.prompting import PromptSpec, expert_messages, system_prompt_source, version_prompt_spec
 from registry.errors import ValidationError as RefError
 from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
@@ -188,6 +190,10 @@ class Target:
     confidence: float | None = None
     path: str | None = None
     shadow_version: int | None = None
+    prompt: PromptSpec | None = None
+    """The version's system prompt and policy, applied to chat messages (None: messages as sent)."""
+    system_prompt: str | None = None
+    """Whose system prompt the model got: `expert`, `client`, `both` or None (see moe_adapters.prompting)."""
 
     @property
     def label(self) -> str:
@@ -201,7 +207,17 @@ class Target:
             "version": self.version,
             "routed": self.routed,
             "confidence": self.confidence,
+            "system_prompt": self.system_prompt,
         }
+
+
+def upstream_body(data: dict[str, Any], target: Target, model: str) -> dict[str, Any]:
+    """The body forwarded to vLLM for `target`: its model name and, for chat, the messages the expert
+    sees (one rule with training and `moea eval`: :func:`moe_adapters.prompting.expert_messages`)."""
+    body = dict(data, model=model)
+    if target.prompt is not None and isinstance(data.get("messages"), list):
+        body["messages"] = expert_messages(data["messages"], target.prompt)
+    return body
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,6 +476,7 @@ class Gateway:
             experiment_id=experiment.id if experiment is not None else None,
             path=state.required.get(view.ref),
             shadow_version=experiment.shadow_version if experiment is not None else None,
+            prompt=version_prompt_spec(view),
         )
 
     async def target_for(self, parsed: ChatCompletionRequest | CompletionRequest, user: str | None) -> Target:
@@ -504,10 +521,12 @@ class Gateway:
             raise _validation_error(error) from None
         user = parsed.user or request.headers.get("x-moea-user")
         target = await self.target_for(parsed, user)
+        if isinstance(data.get("messages"), list):
+            target = replace(target, system_prompt=system_prompt_source(data["messages"], target.prompt))
         adapter, adapter_path = target.adapter, await self.adapter_path(target)
         if adapter is None:
             adapter, adapter_path = self.base_adapter()
-        upstream = dict(data, model=adapter or self.config.base_name)
+        upstream = upstream_body(data, target, adapter or self.config.base_name)
         strip_usage = parsed.streaming and not parsed.wants_usage_in_stream
         if strip_usage:  # ask for usage (metrics, request log); the extra chunk is removed again below
             upstream["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
@@ -518,7 +537,7 @@ class Gateway:
             lease = await self._lease(adapter, adapter_path)
             self.metrics.overhead.labels(endpoint).observe(time.perf_counter() - started)
             if target.shadow_version is not None and not parsed.streaming:
-                self._spawn_shadow(endpoint, target, user, upstream)
+                self._spawn_shadow(endpoint, target, user, data)
             if parsed.streaming:
                 return await self._forward_stream(lease, path, content, request_id, exchange, strip_usage)
             return await self._forward(lease, path, content, request_id, exchange)
@@ -703,20 +722,21 @@ class Gateway:
             )
 
     # ---- shadow traffic ------------------------------------------------------------------------------
-    def _spawn_shadow(
-        self, endpoint: str, target: Target, user: str | None, upstream: dict[str, Any]
-    ) -> None:
+    def _spawn_shadow(self, endpoint: str, target: Target, user: str | None, data: dict[str, Any]) -> None:
         """Send a copy to the experiment's shadow version (logged, never returned); skip when saturated."""
         if self._shadow_slots.locked() or target.expert is None or target.shadow_version is None:
             return
+        entry = self._state().experts[target.expert]
+        view = entry.versions.get(target.shadow_version)
         shadow = Target(
             f"{target.expert}@{target.shadow_version}",
             expert=target.expert,
             version=target.shadow_version,
             experiment_id=target.experiment_id,
             path=self._state().required.get(f"{target.expert}@{target.shadow_version}"),
+            prompt=version_prompt_spec(view) if view is not None else None,
         )
-        body = json.dumps(dict(upstream, model=shadow.adapter), separators=(",", ":")).encode()
+        body = json.dumps(upstream_body(data, shadow, shadow.adapter or ""), separators=(",", ":")).encode()
         task = asyncio.create_task(self._shadow(endpoint, shadow, user, body))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -80,7 +80,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
     try:
         wait_until_ready(base_url, server, timeout_s=600)
         yield {"base_url": base_url, "held_out": held_out, "register_output": registered.stdout,
-               "server": server}
+               "server": server, "tmp": tmp, "env": env}
     finally:
         stop_process_group(server)
         log.close()
@@ -179,6 +179,38 @@ def test_example_client_runs_against_the_server(served: dict[str, object]) -> No
     assert result.returncode == 0, result.stdout + result.stderr
     for task in TASKS:
         assert f"{task}@1" in result.stdout
+
+def test_served_answers_equal_moea_eval(client: openai.OpenAI, served: dict[str, object]) -> None:
+    """What `moea eval` scores is what `moea serve` returns. `moea eval --endpoint` sends eval's rows as a
+    client sends them (the user message only, no system message) through model="moe": the gateway must
+    route them the same way and add each expert's trained system prompt, so that greedy answers equal
+    eval's own `moe` answers. Near-tie flips (bf16 kernels differ between vLLM's offline engine and the
+    server's batches) are counted and bounded, as in the other equivalence tests; without the system
+    prompt, far more answers change."""
+    tmp, env = served["tmp"], served["env"]
+    assert isinstance(tmp, Path) and isinstance(env, dict)
+    _moea("eval", str(tmp / "run"), "--out", str(tmp / "eval"), "--systems", "moe", "--max-examples", "4",
+          "--max-new-tokens", "24", "--endpoint", f"{served['base_url']}/v1", env=env)
+    report = json.loads((tmp / "eval" / "eval.json").read_text())
+    rows = [json.loads(line) for line in (tmp / "eval" / "eval_outputs.jsonl").read_text().splitlines()]
+    assert len(rows) >= 4 * len(TASKS) and report["served"]["requests"] == len(rows)
+    assert all([m["role"] for m in row["messages"]] == ["user"] for row in rows)  # no client system prompt
+    differ = [(r["messages"][0]["content"][:50], r["outputs"]["moe"], r["outputs"]["served"])
+              for r in rows if r["outputs"]["moe"] != r["outputs"]["served"]]
+    assert len(differ) <= max(1, len(rows) // 10), f"{len(differ)} of {len(rows)} differ: {differ}"
+    assert report["served"]["same_route"] >= 0.9
+    assert report["served"]["same_answer_as_moe"] == 1 - len(differ) / len(rows)
+    for task in TASKS:  # the served score is eval's score, up to the bounded flips
+        systems = report["tasks"][task]["systems"]
+        assert abs(systems["served"]["score"] - systems["moe"]["score"]) <= 0.25 + 1e-9
+    # The answer says whose system prompt the expert got: the expert's own, as trained.
+    _, _, moea = _chat(client, "sentiment", served["held_out"]["sentiment"][0])  # type: ignore[index]
+    assert moea.get("system_prompt") == "expert"
+    raw = client.chat.completions.with_raw_response.create(
+        model="sentiment", max_tokens=4, messages=[{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Great phone!"}])
+    assert ((raw.parse().model_extra or {}).get("moea") or {}).get("system_prompt") == "client"
+
 
 def test_sigterm_stops_the_vllm_child_too(served: dict[str, object]) -> None:
     """Runs last in this module: SIGTERM to `moea serve` alone must leave no orphan vLLM process."""

@@ -85,6 +85,9 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path):
         ({}, {"train": {"replay_share": 1.0}}, "replay_share"),
         ({}, {"router": {"encoder": "bert"}}, "'bert' is not one of"),
         ({}, {"router": {"heads": ["svm"]}}, "router.heads"),
+        ({"prompt_policy": "sometimes"}, {}, "'sometimes' is not one of"),
+        ({"prompt_policy": "never", "system_prompt": "Be brief."}, {}, "system_prompt would be used nowhere"),
+        ({}, {"train": {"long_rows": "cut"}}, "'cut' is not one of"),
     ],
 )
 def test_validation_errors(tmp_path, task_extra, top_extra, message):

@@ -122,7 +122,7 @@ def test_parquet_and_explicit_val_file(tmp_path, tokenizer):
 
 
 def test_split_is_deterministic_and_seeded():
-    rows = [Row(f"p{i}", "r", None, f"f:line {i}") for i in range(100)]
+    rows = [Row(f"p{i}", "r", f"f:line {i}") for i in range(100)]
     splits = SplitConfig(0.8, 0.1, 0.1, seed=1)
     first = split_rows(rows, splits, "task")
     assert split_rows(rows, splits, "task") == first
@@ -134,33 +134,132 @@ def test_split_is_deterministic_and_seeded():
 
 @pytest.mark.parametrize(("n", "expected"), [(1, [1, 0, 0]), (2, [1, 1, 0]), (3, [1, 1, 1]), (10, [8, 1, 1])])
 def test_small_tasks_keep_a_training_row(n, expected):
-    rows = [Row(f"p{i}", "r", None, "x") for i in range(n)]
+    rows = [Row(f"p{i}", "r", "x") for i in range(n)]
     assert [len(s) for s in split_rows(rows, SplitConfig(), "t")] == expected
 
 
 def test_chat_template_and_response_only_labels(tokenizer):
     from moe_adapters.data import tokenize_rows
+    from moe_adapters.prompting import PromptSpec
 
     problems: list[str] = []
-    row = Row("What is 2+2?", "4", "Answer with a number.", "x:line 1")
-    (example,) = tokenize_rows([row], tokenizer, 128, problems)
-    prompt_text = render_prompt(tokenizer, row.prompt, row.system)
+    row = Row("What is 2+2?", "4", "x:line 1")
+    spec = PromptSpec("Answer with a number.")
+    kept, (example,) = tokenize_rows([row], tokenizer, 128, problems, spec=spec)
+    prompt_text = render_prompt(tokenizer, row.client_messages(), spec)
     assert prompt_text.startswith("<|im_start|>system\nAnswer with a number.") and prompt_text.endswith(
         "assistant\n"
     )
     n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert tokenizer.decode(example.labels[n_prompt:]) == "4<|im_end|>"
-    assert example.input_ids[-1] == tokenizer.eos_token_id and not problems
+    assert example.input_ids[-1] == tokenizer.eos_token_id and not problems and kept == [row]
     full = tokenizer.apply_chat_template(
         [
-            {"role": "system", "content": row.system},
+            {"role": "system", "content": "Answer with a number."},
             {"role": "user", "content": row.prompt},
             {"role": "assistant", "content": row.response},
         ],
         tokenize=False,
     )
     assert full.startswith(tokenizer.decode(example.input_ids))  # same text the template produces
+
+
+def test_messages_rows_multi_turn_loss_on_assistant_turns_only(tmp_path, tokenizer):
+    conversation = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ]
+    rows = [{"messages": conversation}] + [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(9)
+    ]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    path = mixture(
+        tmp_path, [{"name": "chat", "files": ["chat.jsonl"], "system_prompt": "Be nice."}], max_length=128
+    )
+    config = load_mixture(path)
+    config.splits = SplitConfig(1.0, 0.0, 0.0)
+    task = load_mixture_data(config, tokenizer).tasks["chat"]
+    (row,) = [r for r in task.train if r.prompt == "And of Spain?"]
+    assert row.response == "Madrid." and row.history[0] == ("system", "You are terse.")
+    example = task.train_examples[task.train.index(row)]
+    learned = [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Paris.<|im_end|>Madrid.<|im_end|>"
+    # The row's own system message wins over the task's (policy if-absent), and the ids are the template's.
+    text = tokenizer.decode(example.input_ids)
+    assert "Be nice." not in text and "You are terse." in text
+    assert tokenizer.apply_chat_template(conversation, tokenize=False).startswith(text)
+    (plain,) = [r for r in task.train if r.prompt == "q0"]
+    plain_text = tokenizer.decode(task.train_examples[task.train.index(plain)].input_ids)
+    assert plain_text.startswith("<|im_start|>system\nBe nice.<|im_end|>")
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ("not a list", "must be a non-empty list"),
+        ([{"role": "user", "content": "hi"}], "must end with a user message followed by the assistant"),
+        ([{"role": "robot", "content": "hi"}], "role must be one of"),
+        (
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}],
+            "content must be non-empty",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "x"},
+            ],
+            "a system message may only come first",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "x"},
+            ],
+            "must alternate",
+        ),
+    ],
+)
+def test_bad_messages_rows_reported_with_line(tmp_path, tokenizer, messages, problem):
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "fine", "response": "ok"}, {"messages": messages}])
+    with pytest.raises(DataValidationError) as info:
+        load_mixture_data(load_mixture(mixture(tmp_path, [{"name": "c", "files": ["c.jsonl"]}])), tokenizer)
+    (reported,) = info.value.problems
+    assert reported.startswith(f"{tmp_path / 'c.jsonl'}:line 2: field 'messages'")
+    assert problem in info.value.problems[0]
+
+
+def test_long_rows_skip_and_truncate(tmp_path, tokenizer):
+    long_prompt = " ".join(f"word{i}" for i in range(80)) + " END"
+    rows = [{"prompt": f"short {i}", "response": "ok"} for i in range(20)]
+    rows += [{"prompt": long_prompt, "response": "long-answer"}, {"prompt": "x", "response": "y " * 200}]
+    write_jsonl(tmp_path / "l.jsonl", rows)
+    tasks = [{"name": "l", "files": ["l.jsonl"]}]
+    with pytest.raises(DataValidationError) as info:  # default: every long row is an error
+        load_mixture_data(load_mixture(mixture(tmp_path, tasks, max_length=64)), tokenizer)
+    assert len(info.value.problems) == 2 and "train.long_rows" in info.value.problems[0]
+
+    def load(policy: str):
+        config = load_mixture(mixture(tmp_path, tasks, max_length=64, long_rows=policy))
+        config.splits = SplitConfig(1.0, 0.0, 0.0)
+        return load_mixture_data(config, tokenizer).tasks["l"]
+
+    skipped = load("skip")
+    assert skipped.long_rows == {"skipped": 2, "truncated": 0} and len(skipped.train) == 20
+    cut = load("truncate")
+    assert cut.long_rows == {"skipped": 1, "truncated": 1} and len(cut.train) == 21
+    (row,) = [r for r in cut.train if r.response == "long-answer"]
+    example = cut.train_examples[cut.train.index(row)]
+    assert len(example.input_ids) <= 64
+    assert row.prompt.endswith("END") and not row.prompt.startswith("word0 ")  # cut from the left
+    learned = [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "long-answer<|im_end|>"  # the answer is never cut
 
 
 def test_collate_pads_and_masks():

@@ -29,10 +29,10 @@ from moe_adapters.evaluate import (
 
 def _cases() -> list[_Case]:
     return [
-        _Case("math", "math", "1+1?", None, "2", False),
-        _Case("math", "math", "2+2?", None, "4", False),
-        _Case("tone", "classification", "great!", None, "positive", False),
-        _Case("general", "generation", "hi", None, "hello", True),
+        _Case("math", "math", "1+1?", [], "2", False),
+        _Case("math", "math", "2+2?", [], "4", False),
+        _Case("tone", "classification", "great!", [], "positive", False),
+        _Case("general", "generation", "hi", [], "hello", True),
     ]
 
 
