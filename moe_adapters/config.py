@@ -140,7 +140,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for LoRA init, dropout and batch order."""
     num_threads: int | None = None
-    """torch intra-op threads on CPU; None: one per core not already busy (load average) at start."""
+    """torch intra-op threads on CPU; None: all physical cores this process may use (hyperthreads not
+    counted). On a machine shared with other CPU-heavy jobs, fewer threads can be much faster."""
     log_every: int = 10
     """Read losses back from the device every this many steps (progress bar, curves)."""
 
