@@ -19,6 +19,7 @@ Paths are relative to the YAML file. :func:`load_mixture` applies dotted ``overr
 from __future__ import annotations
 
 import dataclasses
+import glob
 import re
 import types
 import typing
@@ -35,6 +36,13 @@ TaskKind = Literal["generation", "classification", "math", "extraction"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+SAVED_DATASET_MARKERS = {
+    "dataset": ("dataset_info.json", "state.json"),
+    "dataset_dict": ("dataset_dict.json",),
+}
+"""Files that ``datasets`` ``save_to_disk`` writes into a ``Dataset`` / ``DatasetDict`` folder."""
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text", "pandas", "xml", "webdataset")
+"""``dataset.path`` values naming a ``datasets`` builder; its ``data_files`` are relative to the YAML."""
 # Full fine-tuning practice is 1e-5..2e-4; LoRA adapters on small bases commonly train at up to 1e-3
 # (the examples learn their short tasks in ~50 steps there), so only values outside this range warn.
 RECOMMENDED_LR = (1e-5, 1e-3)
@@ -45,21 +53,47 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DatasetSource:
+    """Rows from ``datasets.load_dataset(path, name, split=split, data_files=..., revision=...)``."""
+
+    path: str
+    """A hub id (``owner/name``), a packaged builder (``parquet``, ``json``, ``csv`` … with ``data_files``),
+    or a local folder of data files / ``save_to_disk`` folder / data file (relative to the YAML)."""
+    name: str | None = None
+    """Configuration (subset) of the dataset; None: its default one."""
+    split: str = "train"
+    """Split to read; slices work too (``train[:1000]``, ``train+validation``)."""
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    """Files or glob patterns (a dict maps split → files). Relative to the YAML for a packaged builder,
+    to the folder for a local folder, to the repository for a hub id (as in ``datasets``)."""
+    revision: str | None = None
+    """Branch, tag or commit of a hub dataset (pin it for reproducible runs); None: the main branch."""
+
+    @property
+    def label(self) -> str:
+        """``dataset:path[split]``: how error messages name this source."""
+        return f"dataset:{self.path}[{self.split}]"
+
+
+@dataclass
 class TaskConfig:
     """One task: an expert of its own, or (``replay: true``) general data mixed into every expert."""
 
     name: str
     """Expert name: lowercase letters, digits, ``_`` and ``-`` (it becomes a folder and a served name)."""
-    files: list[Path]
-    """One or more JSONL / CSV / Parquet files (relative to the YAML file) with the training rows."""
+    files: list[Path] = field(default_factory=list)
+    """JSONL / JSON / CSV / Parquet files or ``datasets`` ``save_to_disk`` folders (a ``DatasetDict``
+    folder: its ``train`` split), relative to the YAML file; ``files`` or ``dataset`` is required."""
+    dataset: DatasetSource | None = None
+    """Rows loaded with ``datasets.load_dataset`` (added to those of ``files``); see :class:`DatasetSource`."""
     prompt_field: str = "prompt"
     """Column holding the user prompt."""
     response_field: str = "response"
     """Column holding the target response."""
     messages_field: str = "messages"
     """Column holding a chat ``[{"role", "content"}, ...]`` list (multi-turn allowed, ending with the
-    assistant answer); a row that has it is read as messages instead of ``prompt_field``/``response_field``.
-    The loss is on assistant turns only."""
+    assistant answer); a row without a ``prompt_field`` value that has it is read as messages. The loss is
+    on assistant turns only."""
     system_prompt: str | None = None
     """The task's instruction as a system message, applied the same way in training, ``moea eval`` and by
     the serving gateway (see ``prompt_policy``); None: none."""
@@ -73,9 +107,11 @@ class TaskConfig:
     replay: bool = False
     """General data mixed into every expert's batches at ``train.replay_share``; never an expert itself."""
     val_file: Path | None = None
-    """Explicit validation file; otherwise validation rows are split off ``files``."""
+    """Explicit validation file (a ``DatasetDict`` folder: its ``validation`` split); otherwise validation
+    rows are split off ``files``."""
     test_file: Path | None = None
-    """Explicit test file; otherwise test rows are split off ``files``."""
+    """Explicit test file (a ``DatasetDict`` folder: its ``test`` split); otherwise test rows are split off
+    ``files``."""
 
     def prompt_spec(self) -> PromptSpec | None:
         """What shapes this task's prompts besides the chat template (None: nothing)."""
@@ -159,7 +195,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for LoRA init, dropout and batch order."""
     num_threads: int | None = None
-    """torch intra-op threads on CPU; None: one per core not already busy (load average) at start."""
+    """torch intra-op threads on CPU; None: all physical cores this process may use (hyperthreads not
+    counted). On a machine shared with other CPU-heavy jobs, fewer threads can be much faster."""
     log_every: int = 10
     """Read losses back from the device every this many steps (progress bar, curves)."""
 
@@ -322,6 +359,9 @@ def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
         return None
 
 
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "a mapping", Path: "a path", int: "an integer"}
+
+
 def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:  # noqa: C901 - one branch per type
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -329,7 +369,16 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:  # noqa: C
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, errors)
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key, errors)
+        for option in inner:  # the first type that takes the value without problems wins
+            trial: list[str] = []
+            coerced = _coerce(option, value, key, trial)
+            if not trial:
+                return coerced
+        kinds = [_TYPE_NAMES.get(typing.get_origin(t) or t, str(t)) for t in inner]
+        errors.append(f"{key}: expected {' or '.join(kinds)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, errors)
     if origin is Literal:
@@ -343,6 +392,14 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:  # noqa: C
             errors.append(f"{key}: expected a list, got {type(value).__name__}")
             return []
         return [_coerce(args[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return {
+            _coerce(args[0], k, key, errors): _coerce(args[1], v, f"{key}.{k}", errors)
+            for k, v in value.items()
+        }
     if tp is Path:
         if not isinstance(value, str | Path):
             errors.append(f"{key}: expected a path, got {type(value).__name__}")
@@ -378,11 +435,56 @@ def _resolve_paths(config: MixtureConfig, root: Path) -> None:
         task.files = [(root / f).resolve() for f in task.files]
         task.val_file = (root / task.val_file).resolve() if task.val_file else None
         task.test_file = (root / task.test_file).resolve() if task.test_file else None
+        if task.dataset is not None:
+            _resolve_dataset_paths(task.dataset, root)
     # A base model that names an existing folder (relative to the YAML) becomes absolute; anything else
     # ("default", a hub id) is left for base_model.resolve_base_model.
     base = (root / Path(config.base_model).expanduser()) if isinstance(config.base_model, str) else None
     if base is not None and base.is_dir():
         config.base_model = str(base.resolve())
+
+
+def _resolve_dataset_paths(source: DatasetSource, root: Path) -> None:
+    """Make a local ``path`` absolute (a hub id or builder name stays) and builder ``data_files`` too."""
+    if not isinstance(source.path, str) or not source.path:
+        return
+    local = (root / Path(source.path).expanduser()).resolve()
+    # "data/chat" is a hub id unless the folder "data" exists here: then it is a local path (maybe a typo).
+    first_folder_here = "/" in source.path and (root / source.path.split("/")[0]).is_dir()
+    if local.exists() or looks_like_local_path(source.path) or first_folder_here:
+        source.path = str(local)
+    elif source.path in PACKAGED_BUILDERS and source.data_files is not None:
+        # Only a builder's data_files are ours to resolve: a folder's are relative to the folder and a hub
+        # dataset's to its repository, as datasets.load_dataset reads them.
+        source.data_files = _resolve_data_files(source.data_files, root)
+
+
+def _resolve_data_files(files: Any, root: Path) -> Any:
+    if isinstance(files, dict):
+        return {split: _resolve_data_files(f, root) for split, f in files.items()}
+    if isinstance(files, list):
+        return [_resolve_data_files(f, root) for f in files]
+    if isinstance(files, str) and "://" not in files:
+        return str((root / Path(files).expanduser()).resolve())
+    return files
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """True for ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` or ``x.jsonl``: never a hub id or builder name."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or Path(spec).suffix.lower() in (*DATA_SUFFIXES, ".arrow", ".py")
+    )
+
+
+def saved_dataset_kind(folder: Path) -> str | None:
+    """``"dataset"`` or ``"dataset_dict"`` for a ``save_to_disk`` folder, else None."""
+    for kind, markers in SAVED_DATASET_MARKERS.items():
+        if all((folder / m).is_file() for m in markers):
+            return kind
+    return None
 
 
 def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat list of independent checks
@@ -404,15 +506,15 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
                 f"{key}.prompt_policy: 'never' uses the messages as given, so system_prompt would be used "
                 "nowhere; remove system_prompt or use if-absent / prepend"
             )
-        if not task.files:
-            errors.append(f"{key}.files: at least one data file is required")
-        for f in [*task.files, task.val_file, task.test_file]:
-            if f is None:
-                continue
-            if f.suffix.lower() not in DATA_SUFFIXES:
-                errors.append(f"{key}: {f.name}: unsupported file type; use one of {list(DATA_SUFFIXES)}")
-            elif not f.is_file():
-                errors.append(f"{key}: data file {f} not found (paths are relative to the mixture YAML)")
+        if not task.files and task.dataset is None:
+            errors.append(
+                f"{key}: give files (data files or save_to_disk folders) or dataset ({{path: ...}})"
+            )
+        errors += [
+            f"{key}: {p}" for f in [*task.files, task.val_file, task.test_file] if (p := _file_problem(f))
+        ]
+        if task.dataset is not None:
+            errors += [f"{key}.dataset.{p}" for p in _dataset_problems(task.dataset)]
     s, sp, lo, tr = config.sampling, config.splits, config.lora, config.train
     if s.temperature <= 0:
         errors.append(f"sampling.temperature: must be > 0, got {s.temperature}")
@@ -444,6 +546,50 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
             stacklevel=3,
         )
     return errors
+
+
+def _file_problem(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.exists():
+        return f"data file {path} not found (paths are relative to the mixture YAML)"
+    if path.is_dir():
+        if saved_dataset_kind(path) is None:
+            return (
+                f"{path} is a folder but no datasets save_to_disk folder (no dataset_info.json + state.json"
+                f" or dataset_dict.json); for a folder of data files use dataset: {{path: {path}}}"
+            )
+        return None
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        return (
+            f"{path.name}: unsupported file type; use one of {list(DATA_SUFFIXES)} or a save_to_disk folder"
+        )
+    return None
+
+
+def _dataset_problems(source: DatasetSource) -> list[str]:
+    if not isinstance(source.path, str) or not source.path.strip():
+        return ["path: required (a hub id, a builder such as parquet, or a local folder or file)"]
+    problems = []
+    if Path(source.path).is_absolute() and not Path(source.path).exists():
+        problems.append(f"path: {source.path} not found (paths are relative to the mixture YAML)")
+    if source.path in PACKAGED_BUILDERS and not source.data_files:
+        problems.append(f"data_files: required with the {source.path!r} builder (files or glob patterns)")
+    elif source.path in PACKAGED_BUILDERS:
+        for pattern in _flat_data_files(source.data_files):
+            if "://" not in pattern and not glob.glob(pattern, recursive=True):
+                problems.append(
+                    f"data_files: {pattern} matches no file (paths are relative to the mixture YAML)"
+                )
+    if not isinstance(source.split, str) or not source.split.strip():
+        problems.append("split: must be a split name such as train (or a slice such as train[:1000])")
+    return problems
+
+
+def _flat_data_files(files: Any) -> list[str]:
+    if isinstance(files, dict):
+        return [f for value in files.values() for f in _flat_data_files(value)]
+    return [files] if isinstance(files, str) else [f for f in files or [] if isinstance(f, str)]
 
 
 def _validate_train(tr: TrainConfig) -> list[str]:

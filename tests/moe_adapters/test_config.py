@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_adapters.config import ConfigError, RouterSettings, load_mixture, write_resolved_mixture
+from moe_adapters.config import (
+    ConfigError,
+    DatasetSource,
+    RouterSettings,
+    load_mixture,
+    write_resolved_mixture,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -77,6 +83,14 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path):
         ({"files": ["data/missing.jsonl"]}, {}, "not found"),
         ({"files": ["data/t.txt"]}, {}, "unsupported file type"),
         ({"replay": True}, {}, "at least one must be an expert"),
+        ({"files": []}, {}, r"give files \(data files or save_to_disk folders\) or dataset"),
+        ({"files": ["data"]}, {}, "is a folder but no datasets save_to_disk folder"),
+        ({"dataset": {"path": "./missing"}}, {}, r"dataset\.path: .*missing not found"),
+        ({"dataset": {"path": "data/typo"}}, {}, r"dataset\.path: .*data/typo not found"),  # not a hub id
+        ({"dataset": {"path": "parquet"}}, {}, "dataset.data_files: required with the 'parquet' builder"),
+        ({"dataset": {"path": "json", "data_files": ["data/none-*.jsonl"]}}, {}, "matches no file"),
+        ({"dataset": {"path": "a/b", "data_files": 7}}, {}, "expected a string or a list or a mapping"),
+        ({"dataset": {"path": "a/b", "splt": "test"}}, {}, "unknown key"),
         ({"colour": "red"}, {}, "unknown key"),
         ({}, {"sampling": {"temperature": 0}}, "sampling.temperature: must be > 0"),
         ({}, {"splits": {"train": 0.5, "val": 0.1, "test": 0.1}}, "sum to 1"),
@@ -133,3 +147,38 @@ def test_resolved_mixture_round_trips_with_probabilities(tmp_path):
     assert data["probabilities"] == {"t": 1.0} and data["train"]["max_steps"] == 5
     again = load_mixture(out)  # absolute paths, probabilities ignored
     assert again.tasks[0].files == config.tasks[0].files and again.train.max_steps == 5
+
+
+def test_dataset_sources_and_save_to_disk_folders(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "p", "response": "r"}]).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(
+        {"validation": datasets.Dataset.from_list([{"prompt": "p", "response": "r"}])}
+    ).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.parquet").write_bytes(b"")
+    tasks = [
+        {
+            "name": "folder",
+            "files": ["saved"],
+            "val_file": "dict",
+            "dataset": {"path": "saved", "split": "train[:1]"},
+        },
+        {
+            "name": "hub",
+            "dataset": {"path": "owner/name", "name": "en", "revision": "v1", "data_files": "x/*.json"},
+        },
+        {"name": "builder", "dataset": {"path": "parquet", "data_files": {"train": ["data/a.parquet"]}}},
+    ]
+    config = load_mixture(write_yaml(tmp_path / "mix.yaml", {"tasks": tasks}))
+    folder, hub, builder = config.tasks
+    assert folder.files == [tmp_path / "saved"] and folder.val_file == tmp_path / "dict"
+    assert folder.dataset == DatasetSource(str(tmp_path / "saved"), split="train[:1]")
+    assert hub.dataset == DatasetSource("owner/name", "en", "train", "x/*.json", "v1")  # the repo's files
+    assert builder.dataset.data_files == {"train": [str(tmp_path / "data" / "a.parquet")]}
+    assert builder.dataset.label == "dataset:parquet[train]"
+    out = tmp_path / "run" / "mixture.yaml"
+    out.parent.mkdir()
+    write_resolved_mixture(config, out)
+    assert [t.dataset for t in load_mixture(out).tasks] == [t.dataset for t in config.tasks]

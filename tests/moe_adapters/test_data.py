@@ -1,5 +1,6 @@
 """Data loading: every bad row reported with file and line, duplicates counted, deterministic splits,
-chat templating with response-only labels, and low-padding length buckets."""
+Hugging Face datasets as sources (save_to_disk folders, ``dataset:``), chat templating with
+response-only labels, and low-padding length buckets."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import pytest
 import yaml
 
 from moe_adapters.base_model import resolve_base_model
-from moe_adapters.config import SplitConfig, load_mixture
+from moe_adapters.config import DatasetSource, SplitConfig, load_mixture
 from moe_adapters.data import (
     IGNORE_INDEX,
     BucketBatcher,
     DataValidationError,
     Row,
     collate,
+    describe_dataset_error,
     load_mixture_data,
+    read_dataset,
+    read_saved_dataset,
     render_prompt,
     split_rows,
 )
@@ -119,6 +123,138 @@ def test_parquet_and_explicit_val_file(tmp_path, tokenizer):
     assert [r.prompt for r in task.val] == ["p0", "v"]
     assert "p0" not in {r.prompt for r in task.train + task.test}  # held-out row removed from train
     assert task.duplicates_dropped == 1 and len(task.test) == 3 and len(task.train) == 26
+
+
+CHAT = [{"role": "user", "content": "When?"}, {"role": "assistant", "content": "2024-03-05"}]
+
+
+def qa_rows(n: int, tag: str = "") -> list[dict]:
+    """Rows with a date-like response column (pyarrow's JSON reader would make it a timestamp) and a chat."""
+    return [
+        {"prompt": f"{tag}day {i}", "response": f"2024-03-{i + 1:02d}", "messages": CHAT} for i in range(n)
+    ]
+
+
+def all_rows(data) -> dict[str, str]:
+    return {r.prompt: r.response for t in data.tasks.values() for r in t.train + t.val + t.test}
+
+
+def test_save_to_disk_folders_as_files_and_val_file(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list(qa_rows(12)).save_to_disk(str(tmp_path / "plain"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(qa_rows(10, "t")),
+            "validation": datasets.Dataset.from_list(qa_rows(3, "v")),
+        }
+    ).save_to_disk(str(tmp_path / "dict"))
+    path = mixture(
+        tmp_path,
+        [
+            {"name": "plain", "files": ["plain"]},
+            {"name": "dict", "files": ["dict"], "val_file": "dict"},  # train split / validation split
+        ],
+    )
+    data = load_mixture_data(load_mixture(path), tokenizer)
+    assert all_rows(data)["day 11"] == "2024-03-12"  # text kept verbatim
+    task = data.tasks["dict"]
+    assert sorted(r.prompt for r in task.val) == ["vday 0", "vday 1", "vday 2"]
+    assert len(task.train) + len(task.test) == 10 and task.train[0].source == f"{tmp_path / 'dict'}:row 1"
+    # Every column comes through; a chat column is a list of {role, content} dicts.
+    (where, record), *_ = read_saved_dataset(tmp_path / "dict", "validation")
+    assert where == "row 1" and record == {"prompt": "vday 0", "response": "2024-03-01", "messages": CHAT}
+
+
+def test_dataset_source_parquet_builder(tmp_path, tokenizer):
+    import datasets
+
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_list(qa_rows(10)).to_parquet(str(tmp_path / "data" / "t.parquet"))
+    path = mixture(tmp_path, [{"name": "t", "dataset": {"path": "parquet", "data_files": "data/t.parquet"}}])
+    config = load_mixture(path)
+    assert config.tasks[0].dataset.data_files == str(tmp_path / "data" / "t.parquet")  # relative to YAML
+    task = load_mixture_data(config, tokenizer).tasks["t"]
+    assert len(task.train + task.val + task.test) == 10
+    assert task.train[0].source == "dataset:parquet[train] row 1"
+    assert {r.prompt: r.response for r in task.train + task.val + task.test}["day 4"] == "2024-03-05"
+
+
+def test_dataset_source_local_folder_keeps_text_verbatim(tmp_path, tokenizer):
+    import datasets
+
+    # JSON lines: load_dataset would read the dates as timestamps (and fail on test.jsonl's plain text).
+    (tmp_path / "jl").mkdir()
+    write_jsonl(tmp_path / "jl" / "train.jsonl", qa_rows(8))
+    write_jsonl(tmp_path / "jl" / "test.jsonl", [{"prompt": "t", "response": "not a date", "messages": CHAT}])
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_list(qa_rows(6, "pq")).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    datasets.Dataset.from_list(qa_rows(2, "pqtest")).to_parquet(str(tmp_path / "pq" / "test.parquet"))
+    path = mixture(
+        tmp_path,
+        [
+            {"name": "jl", "dataset": {"path": "jl"}},
+            {"name": "jltest", "dataset": {"path": "./jl", "split": "test"}},
+            {"name": "pq", "dataset": {"path": "pq", "split": "train[:4]+test"}},
+        ],
+    )
+    data = load_mixture_data(load_mixture(path), tokenizer)
+    rows = all_rows(data)
+    assert rows["day 7"] == "2024-03-08" and rows["t"] == "not a date"
+    assert sorted(p for p in rows if p.startswith("pq")) == [f"pqday {i}" for i in range(4)] + [
+        "pqtestday 0",
+        "pqtestday 1",
+    ]
+    for folder in ("jl", "pq"):
+        records = read_dataset(DatasetSource(str(tmp_path / folder)), text_fields=["prompt", "response"])
+        assert records[0][0] == "row 1" and records[0][1]["messages"] == CHAT  # list of dicts, all columns
+        assert records[1][1]["response"] == "2024-03-02"
+
+
+def test_dataset_source_problems_reported_together(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list([{"question": "q", "answer": "a"}] * 3).save_to_disk(str(tmp_path / "qa"))
+    datasets.DatasetDict({"dev": datasets.Dataset.from_list(qa_rows(2))}).save_to_disk(str(tmp_path / "dev"))
+    write_jsonl(tmp_path / "ok.jsonl", qa_rows(3))
+    path = mixture(
+        tmp_path,
+        [
+            {"name": "columns", "dataset": {"path": "qa"}},  # no prompt/response columns
+            {"name": "split", "dataset": {"path": "dev", "split": "test"}},
+            {"name": "dictfile", "files": ["dev"]},  # a DatasetDict without a train split
+            {"name": "hub", "files": ["ok.jsonl"], "dataset": {"path": "someone/not-cached-here"}},
+        ],
+    )
+    with pytest.raises(DataValidationError) as info:
+        load_mixture_data(load_mixture(path), tokenizer)
+    problems = info.value.problems
+    qa = f"dataset:{tmp_path / 'qa'}[train]"
+    assert (
+        f"{qa}: no column 'prompt' (task columns; columns: answer, question); set prompt_field" in problems[0]
+    )
+    assert f"{qa}: no column 'response'" in problems[1]
+    assert problems[2] == f"dataset:{tmp_path / 'dev'}[test]: unknown split 'test' (splits: dev)"
+    assert problems[3].startswith(f"{tmp_path / 'dev'}: a DatasetDict without a 'train' split (splits: dev)")
+    assert problems[4].startswith("dataset:someone/not-cached-here[train]: not in the local datasets cache")
+    assert "save_to_disk" in problems[4] and len(problems) == 5, problems
+    assert all("\n" not in p and "Traceback" not in p for p in problems)
+
+
+def test_unreachable_hub_is_one_line_with_what_to_do(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    cause = OSError("[Errno -2] Name or service not known")
+    try:
+        try:
+            raise cause
+        except OSError as exc:
+            raise ConnectionError("Couldn't reach 'a/b' on the Hub (LocalEntryNotFoundError)\nmore") from exc
+    except ConnectionError as exc:
+        message = describe_dataset_error(exc)
+    assert message.startswith("cannot reach the Hugging Face Hub (Couldn't reach 'a/b' on the Hub")
+    assert "HF_DATASETS_OFFLINE=1" in message and "save_to_disk" in message and "\n" not in message
 
 
 def test_split_is_deterministic_and_seeded():
@@ -286,3 +422,20 @@ def test_bucket_batcher_low_padding_full_coverage_and_resume():
     other.load_state_dict(state)
     assert [next(other) for _ in range(70)] == expected
     assert [next(BucketBatcher(lengths, 8, seed=1)) for _ in range(1)] != [epoch[0]]
+
+
+def test_chat_dataset_folder_without_prompt_columns(tmp_path, tokenizer):
+    """A `save_to_disk` folder holding only a `messages` column (the usual instruction-data shape) loads."""
+    import datasets
+
+    chats = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+        for i in range(10)
+    ]
+    datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "chats"))
+    task = load_mixture_data(
+        load_mixture(mixture(tmp_path, [{"name": "c", "files": ["chats"]}])), tokenizer
+    ).tasks["c"]
+    rows = task.train + task.val + task.test
+    assert sorted(r.prompt for r in rows) == sorted(f"hi {i}" for i in range(10))
+    assert all(r.response == r.prompt.replace("hi", "hello") and r.history == () for r in rows)
