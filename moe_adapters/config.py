@@ -32,7 +32,7 @@ import yaml
 
 from moe_adapters.prompting import PromptPolicy, PromptSpec
 
-TaskKind = Literal["generation", "classification", "math", "extraction"]
+TaskKind = Literal["generation", "classification", "math", "extraction", "qa", "ner", "code"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -102,8 +102,15 @@ class TaskConfig:
     has none), ``prepend`` (always first; the request's own system text follows it) or ``never`` (messages
     as given; use with data that carries its own system messages)."""
     kind: TaskKind = "generation"
-    """Drives the eval metric: generation (ROUGE/BLEU), classification (accuracy), math (exact answer),
-    extraction (exact/F1)."""
+    """Drives the eval metric (``moe_adapters.metrics.PRIMARY_METRIC``): generation (ROUGE-L; chrF, BLEU),
+    classification (label accuracy), math (final-number accuracy), extraction (JSON match), qa (SQuAD
+    token F1 + exact match, best over the references), ner (entity-level micro F1 over ``type: entity``
+    lines), code (pass@1 of the row's ``test_list`` asserts, run in a limited subprocess; ROUGE-L when a
+    row has no tests). qa, ner and code report ROUGE-L and chrF alongside."""
+    eval_fields: list[str] = field(default_factory=list)
+    """Extra columns of each row carried to ``moea eval`` for the metric (``Row.extra``): ``references``
+    (qa: more accepted answers), ``test_list`` and ``test_setup_code`` (code: the asserts and their
+    setup). Rows without a column simply lack it; not used in training."""
     replay: bool = False
     """General data mixed into every expert's batches at ``train.replay_share``; never an expert itself."""
     val_file: Path | None = None

@@ -15,7 +15,7 @@ import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class Row:
     source: str
     """``file:line`` (JSONL/CSV) or ``file:row N`` (Parquet), for error messages."""
     history: tuple[tuple[str, str], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The task's ``eval_fields`` columns of this row (e.g. ``test_list`` for code), for eval metrics."""
 
     def client_messages(self) -> list[dict[str, str]]:
         """What a client sends for this row: history + the user message (no task system prompt)."""
@@ -192,8 +194,14 @@ def _load_files(
         for where, record in records:
             row = _to_row(task, record, where, problems)
             if row is not None:
-                rows.append(row)
+                rows.append(_with_eval_fields(row, task, record))
     return rows
+
+
+def _with_eval_fields(row: Row, task: TaskConfig, record: dict[str, Any]) -> Row:
+    """The row with the record's ``eval_fields`` columns as ``extra`` (absent columns are left out)."""
+    extra = {name: record[name] for name in task.eval_fields if record.get(name) is not None}
+    return replace(row, extra=extra) if extra else row
 
 
 def _text_fields(task: TaskConfig) -> dict[str, str]:

@@ -95,6 +95,8 @@ class _Case:
     """What the client sends: the row's own messages up to and including that user message."""
     reference: str
     replay: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The row's ``eval_fields`` columns (``test_list`` for code, ``references`` for qa)."""
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -121,7 +123,9 @@ def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = No
     for name, task in data.tasks.items():
         rows = task.test if max_per_task is None else task.test[:max_per_task]
         cases += [
-            _Case(name, task.config.kind, r.prompt, r.client_messages(), r.response, task.config.replay)
+            _Case(
+                name, task.config.kind, r.prompt, r.client_messages(), r.response, task.config.replay, r.extra
+            )
             for r in rows
         ]
     if not cases:
@@ -521,13 +525,14 @@ def _score(
         kind = cases[rows[0]].kind
         references = [cases[i].reference for i in rows]
         label_set = sorted({r.strip() for r in references}) if kind == "classification" else None
+        extras = [cases[i].extra for i in rows]
         systems = {}
         for system, request_ids in plan.systems.items():
             ids = [request_ids[i] for i in rows]
             if any(r < 0 for r in ids):
                 continue
             predictions = [texts[r] for r in ids]
-            systems[system] = score_task(kind, predictions, references, label_set)
+            systems[system] = score_task(kind, predictions, references, label_set, extras)
         routed = [routes[i] for i in rows]
         entry = {
             "kind": kind,

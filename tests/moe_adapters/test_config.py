@@ -80,6 +80,7 @@ def test_yaml_scientific_notation_string_is_a_float(tmp_path):
     [
         ({"name": "Bad Name"}, {}, "must match"),
         ({"kind": "poetry"}, {}, "'poetry' is not one of"),
+        ({"eval_fields": "test_list"}, {}, "eval_fields: expected a list"),
         ({"files": ["data/missing.jsonl"]}, {}, "not found"),
         ({"files": ["data/t.txt"]}, {}, "unsupported file type"),
         ({"replay": True}, {}, "at least one must be an expert"),

@@ -97,6 +97,31 @@ def test_text_is_kept_verbatim(tmp_path, tokenizer):
     assert (rows["zero"], rows["missing"], rows["float"]) == ("007", "NA", "1.50")
 
 
+def test_eval_fields_carried_in_row_extra(tmp_path, tokenizer):
+    asserts = ["assert f(1) == 2", "assert f(2) == 3"]
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"prompt": f"task {i}", "response": "def f(x): return x + 1", "test_list": asserts}
+            for i in range(4)
+        ],
+    )
+    write_jsonl(
+        tmp_path / "test.jsonl",
+        [
+            {"prompt": "t1", "response": "r1", "test_list": asserts, "test_setup_code": "", "task_id": 7},
+            {"prompt": "t2", "response": "r2", "test_setup_code": None},  # no tests: extra stays empty
+        ],
+    )
+    task = {"name": "code", "files": ["train.jsonl"], "test_file": "test.jsonl", "kind": "code"}
+    path = mixture(tmp_path, [{**task, "eval_fields": ["test_list", "test_setup_code"]}])
+    test_rows = load_mixture_data(load_mixture(path), tokenizer).tasks["code"].test
+    assert [r.extra for r in test_rows] == [{"test_list": asserts, "test_setup_code": ""}, {}]
+    assert test_rows[0] == Row("t1", "r1", test_rows[0].source)  # extra is no part of a row's identity
+    plain = load_mixture_data(load_mixture(mixture(tmp_path, [task])), tokenizer).tasks["code"].test
+    assert all(r.extra == {} for r in plain)  # only configured columns travel
+
+
 def test_duplicates_dropped_and_counted(tmp_path, tokenizer):
     rows = [{"prompt": f"q{i % 7}", "response": f"a{i % 7}"} for i in range(20)]  # 7 unique
     write_jsonl(tmp_path / "d.jsonl", rows)
