@@ -17,6 +17,7 @@ from registry.cli import register_command, registry_group
 from serving.ab_cli import ab_group
 from serving.cli import serve_command
 
+from .config import SINGLE_ADAPTER_BUDGETS
 from .errors import user_facing_errors
 
 
@@ -69,6 +70,15 @@ def base_prepare(base_spec: str | None) -> None:
     help="Train one LoRA on all tasks together (the multi-task baseline) instead of one per task.",
 )
 @click.option(
+    "--budget",
+    type=click.Choice(SINGLE_ADAPTER_BUDGETS),
+    default="total",
+    show_default=True,
+    help="With --single-adapter: 'total' trains train.max_steps steps (the experts' run's total: equal "
+    "steps and about equal tokens); 'per-expert' trains train.max_steps / number of expert tasks (the "
+    "steps one expert gets on average). Recorded in metrics.json and run.json.",
+)
+@click.option(
     "--set",
     "overrides",
     multiple=True,
@@ -76,13 +86,18 @@ def base_prepare(base_spec: str | None) -> None:
     help="Override a mixture setting, e.g. --set train.max_steps=50 (repeatable).",
 )
 def train(
-    mixture: Path, out_dir: Path, resume: bool, single_adapter: bool, overrides: tuple[str, ...]
+    mixture: Path, out_dir: Path, resume: bool, single_adapter: bool, budget: str, overrides: tuple[str, ...]
 ) -> None:
     """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir."""
     from .train import train_mixture
 
     run_dir = train_mixture(
-        mixture, out_dir, resume=resume, single_adapter=single_adapter, overrides=_parse_overrides(overrides)
+        mixture,
+        out_dir,
+        resume=resume,
+        single_adapter=single_adapter,
+        budget=budget,
+        overrides=_parse_overrides(overrides),
     )
     click.echo(f"run dir: {run_dir}")
 

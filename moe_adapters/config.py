@@ -34,6 +34,11 @@ from moe_adapters.prompting import PromptPolicy, PromptSpec
 
 TaskKind = Literal["generation", "classification", "math", "extraction", "qa", "ner", "code"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
+SingleAdapterBudget = Literal["total", "per-expert"]
+"""Training budget of ``moea train --single-adapter`` (see ``moe_adapters.train.single_adapter_max_steps``):
+``total`` = the experts' run's ``train.max_steps`` (equal total steps and about equal tokens), ``per-expert``
+= ``train.max_steps / number of expert tasks`` (as many steps as one expert gets on average)."""
+SINGLE_ADAPTER_BUDGETS: tuple[str, ...] = typing.get_args(SingleAdapterBudget)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SAVED_DATASET_MARKERS = {

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
-from moe_adapters.config import MixtureConfig, load_mixture, mixture_yaml
+from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig, load_mixture, mixture_yaml
 from moe_adapters.data import IGNORE_INDEX, BucketBatcher, Example, MixtureData, collate, load_mixture_data
 from moe_adapters.sampling import TaskSampler, temperature_probabilities
 
@@ -109,6 +109,8 @@ class Trainer:
     train_time_s: float = 0.0
     pending: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
     active_adapter: str | None = None
+    budget: dict[str, Any] | None = None
+    """The single adapter's training budget (:func:`apply_budget`); None for an experts' run."""
 
 
 def train_mixture(
@@ -117,17 +119,20 @@ def train_mixture(
     *,
     resume: bool = False,
     single_adapter: bool = False,
+    budget: str = "total",
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
     """Train all experts of ``mixture_path`` into run dir ``out_dir`` (see README "Module contracts") and return it.
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` (a fresh start if there is none);
-    ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router);
+    ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router) for the
+    steps its ``budget`` allows (:func:`single_adapter_max_steps`);
     ``overrides`` are dotted mixture keys, e.g. ``{"train.max_steps": 20}``.
     """
     wall_start = time.perf_counter()
     config = load_mixture(mixture_path, overrides)
+    budget_record = apply_budget(config, single_adapter, budget)
     out_dir = Path(out_dir).expanduser().resolve()
     checkpoint = out_dir / CHECKPOINT_NAME
     if not resume and (checkpoint.exists() or (out_dir / "run.json").exists()):
@@ -153,6 +158,7 @@ def train_mixture(
         print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
     torch.manual_seed(config.train.seed)
     trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter)
+    trainer.budget = budget_record
     if saved is not None:
         load_checkpoint(trainer, saved)
     elif resume:
@@ -161,6 +167,38 @@ def train_mixture(
     finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
     checkpoint.unlink(missing_ok=True)
     return out_dir
+
+
+def single_adapter_max_steps(max_steps: int, n_experts: int, budget: str) -> int:
+    """Optimizer steps of the single multi-task adapter compared with an experts' run of ``max_steps``.
+
+    ``total``: ``max_steps``, the experts' run's total (the experts share those steps, so both sides take
+    the same number of optimizer steps of the same batch size: about equal training tokens).
+    ``per-expert``: ``max_steps / n_experts`` rounded (at least 1), the steps one expert gets on average
+    (expert i gets about ``max_steps × p_i`` of the sampler): equal steps per adapter, about 1/n the tokens.
+    """
+    if budget not in SINGLE_ADAPTER_BUDGETS:
+        raise TrainError(f"unknown budget {budget!r}: use one of {', '.join(SINGLE_ADAPTER_BUDGETS)}")
+    if budget == "total":
+        return max_steps
+    return max(1, round(max_steps / max(1, n_experts)))
+
+
+def apply_budget(config: MixtureConfig, single_adapter: bool, budget: str) -> dict[str, Any] | None:
+    """Set ``config.train.max_steps`` of a single-adapter run to its budget; the record for metrics.json
+    and run.json (None for an experts' run, where a budget other than ``total`` is an error)."""
+    if not single_adapter:
+        if budget != "total":
+            raise TrainError(f"budget {budget!r} applies to --single-adapter runs only: add --single-adapter")
+        return None
+    experts_max_steps, n_experts = config.train.max_steps, len(config.expert_tasks)
+    config.train.max_steps = single_adapter_max_steps(experts_max_steps, n_experts, budget)
+    return {
+        "budget": budget,
+        "max_steps": config.train.max_steps,
+        "experts_max_steps": experts_max_steps,
+        "n_experts": n_experts,
+    }
 
 
 def report_long_rows(data: MixtureData, policy: str) -> None:
@@ -628,6 +666,8 @@ def finalize_run(
             for n, t in trainer.data.tasks.items()
         },
     }
+    if trainer.budget is not None:
+        metrics["budget"] = trainer.budget
     if not single_adapter and trainer.config.router.enabled:
         router_start = time.perf_counter()
         metrics["router"] = train_router_for_run(trainer, out_dir, base_path)
@@ -649,6 +689,7 @@ def finalize_run(
         "mixture_sha256": mixture_sha,
         "git_commit": _git_commit(),
         "single_adapter": single_adapter,
+        **({"budget": trainer.budget} if trainer.budget is not None else {}),
         "tasks": {
             t.name: {"kind": t.kind, "system_prompt": t.system_prompt, "prompt_policy": t.prompt_policy}
             for t in trainer.config.expert_tasks

@@ -21,7 +21,15 @@ import yaml
 from safetensors.torch import load_file
 
 from moe_adapters import train as train_module
-from moe_adapters.train import TrainError, choose_num_threads, train_mixture, warmup_cosine
+from moe_adapters.config import load_mixture
+from moe_adapters.train import (
+    TrainError,
+    apply_budget,
+    choose_num_threads,
+    single_adapter_max_steps,
+    train_mixture,
+    warmup_cosine,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIXTURE = FIXTURES / "mixture.yaml"
@@ -33,6 +41,40 @@ def run(out: Path, **overrides) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return train_mixture(MIXTURE, out, overrides={**BASE_OVERRIDES, **overrides}, progress=False)
+
+
+BUDGET_CASES = [
+    # (experts' max_steps, expert tasks, budget, single adapter's steps)
+    (300, 5, "total", 300),  # equal total steps (and about equal tokens): today's behaviour
+    (300, 5, "per-expert", 60),  # as many steps as one expert gets on average
+    (200, 3, "per-expert", 67),  # rounded
+    (2, 5, "per-expert", 1),  # never below one step
+    (50, 1, "per-expert", 50),  # one expert: both budgets agree
+]
+
+
+@pytest.mark.parametrize(("max_steps", "n_experts", "budget", "expected"), BUDGET_CASES)
+def test_single_adapter_budget_steps(max_steps: int, n_experts: int, budget: str, expected: int) -> None:
+    assert single_adapter_max_steps(max_steps, n_experts, budget) == expected
+
+
+def test_apply_budget_sets_steps_and_records_them() -> None:
+    config = load_mixture(MIXTURE, {"train.max_steps": 40})
+    n = len(config.expert_tasks)
+    record = apply_budget(config, True, "per-expert")
+    assert config.train.max_steps == round(40 / n)
+    assert record == {
+        "budget": "per-expert",
+        "max_steps": round(40 / n),
+        "experts_max_steps": 40,
+        "n_experts": n,
+    }
+    config = load_mixture(MIXTURE, {"train.max_steps": 40})
+    assert apply_budget(config, False, "total") is None and config.train.max_steps == 40
+    with pytest.raises(TrainError, match="applies to --single-adapter runs only"):
+        apply_budget(config, False, "per-expert")
+    with pytest.raises(TrainError, match="unknown budget 'half'"):
+        single_adapter_max_steps(40, 2, "half")
 
 
 def test_warmup_cosine_schedule():
