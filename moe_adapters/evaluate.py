@@ -420,6 +420,8 @@ def evaluate_run(
             "generation": {**stats, "unique_requests": len(plan.requests), "scored_rows": n_rows},
         }
     )
+    multitask_dir = multitask.parent.parent if multitask is not None else None  # RUN/experts/multitask
+    report["compute"] = training_compute(run_dir, multitask_dir, list(plan.systems), from_registry)
     write_reports(report, out)
     write_outputs(cases, routes, plan, texts, out / OUTPUTS_NAME)
     console.print(render_markdown(report))
@@ -620,6 +622,134 @@ def _system_rank(system: str) -> int:
     return SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
 
 
+# ---------------------------------------------------------------------------------- training compute
+
+EXPERT_SYSTEMS = ("oracle", "moe", "random")
+"""Systems made of the run's experts: together they consumed the sum of the experts' training."""
+
+
+def _read_metrics(run_dir: Path | None) -> dict[str, Any] | None:
+    """A run dir's metrics.json, or None when there is none (or it does not parse)."""
+    path = run_dir / "metrics.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _consumed(entry: dict[str, Any] | None) -> dict[str, int | None]:
+    entry = entry or {}
+    return {"train_tokens": entry.get("train_tokens"), "steps": entry.get("steps")}
+
+
+def training_compute(
+    run_dir: Path,
+    multitask_run: Path | None,
+    systems: Sequence[str],
+    experts_from_registry: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Training tokens and optimizer steps each system consumed, from the runs' metrics.json.
+
+    ``base``: 0; ``oracle``/``moe``/``random``: the sum over the run's experts (``experts.<task>``);
+    ``multitask``: the multi-task run's ``experts.multitask`` and its ``budget``; ``served``: unknown to
+    eval (None). A missing metrics.json gives None, never a guess. Router training is not counted.
+    """
+    run_metrics = _read_metrics(run_dir)
+    experts = {
+        task: _consumed(entry)
+        for task, entry in ((run_metrics or {}).get("experts") or {}).items()
+        if task != "multitask"
+    }
+    known = bool(experts) and all(
+        e["train_tokens"] is not None and e["steps"] is not None for e in experts.values()
+    )
+    summed = {
+        k: sum(e[k] or 0 for e in experts.values()) if known else None for k in ("train_tokens", "steps")
+    }
+    multitask_metrics = _read_metrics(multitask_run)
+    out: dict[str, Any] = {}
+    for system in systems:
+        if system == "base":
+            out[system] = {"train_tokens": 0, "steps": 0, "source": "no training"}
+        elif system in EXPERT_SYSTEMS:
+            source = (
+                f"sum over {len(experts)} experts"
+                if known
+                else f"{run_dir}/metrics.json missing or incomplete"
+            )
+            out[system] = {**summed, "source": source}
+        elif system == "multitask":
+            entry = ((multitask_metrics or {}).get("experts") or {}).get("multitask")
+            budget = (multitask_metrics or {}).get("budget")
+            source = "multi-task run" if entry else f"{multitask_run}/metrics.json has no experts.multitask"
+            out[system] = {**_consumed(entry), "source": source, "budget": budget}
+        else:
+            out[system] = {"train_tokens": None, "steps": None, "source": "live endpoint: not known to eval"}
+    return {
+        "systems": out,
+        "experts": experts,
+        "note": (
+            "experts from the registry replace run experts; their training compute is not in this run's "
+            "metrics.json, so oracle/moe/random count the run's own experts"
+        )
+        if experts_from_registry
+        else None,
+    }
+
+
+def _budget_text(budget: dict[str, Any] | None) -> str:
+    if not budget:
+        return "budget not recorded (run predates --budget)"
+    return (
+        f"budget {budget.get('budget')}: {budget.get('max_steps')} steps "
+        f"(experts' run: {budget.get('experts_max_steps')} steps over {budget.get('n_experts')} experts)"
+    )
+
+
+def compute_markdown(compute: dict[str, Any] | None) -> list[str]:
+    """eval.md "Training compute" table: tokens and steps per system, tokens relative to the experts."""
+    if not compute or not compute.get("systems"):
+        return []
+    rows = sorted(compute["systems"].items(), key=lambda item: _system_rank(item[0]))
+    experts_tokens = next((c["train_tokens"] for s, c in rows if s in EXPERT_SYSTEMS), None)
+    lines = [
+        "",
+        "## Training compute",
+        "",
+        "| system | train tokens | optimizer steps | tokens vs experts | source |",
+        "|---|---|---|---|---|",
+    ]
+    for system, c in rows:
+        tokens, steps = c.get("train_tokens"), c.get("steps")
+        ratio = tokens / experts_tokens if tokens is not None and experts_tokens else None
+        source = c["source"] + (f"; {_budget_text(c.get('budget'))}" if system == "multitask" else "")
+        lines.append(f"| {system} | {_count(tokens)} | {_count(steps)} | {_fmt(ratio)} | {source} |")
+    if compute.get("note"):
+        lines += ["", f"Note: {compute['note']}."]
+    return lines
+
+
+def metric_fallback_notes(report: dict[str, Any]) -> list[str]:
+    """One line per task whose headline is not its kind's metric (code rows without tests → ROUGE-L)."""
+    notes = []
+    for name, task in {**report["tasks"], **report.get("general", {})}.items():
+        used = {m.get("metric") for m in task["systems"].values()} - {None, PRIMARY_METRIC.get(task["kind"])}
+        if used:
+            tested = max((m.get("rows_with_tests", 0) for m in task["systems"].values()), default=0)
+            notes.append(
+                f"- {name} ({task['kind']}): headline is {', '.join(sorted(used))}, not "
+                f"{PRIMARY_METRIC.get(task['kind'])}: {tested:.0f} of {task['n']} test rows carry tests "
+                "(add them with the task's eval_fields: [test_list, test_setup_code])."
+            )
+    return ["", "## Metric notes", "", *notes] if notes else []
+
+
+def _count(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 # ------------------------------------------------------------------------------------------ reports
 
 
@@ -721,6 +851,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Generation: {gen.get('unique_requests')} unique requests for {gen.get('scored_rows')} scored "
             f"rows, {_fmt(gen.get('tokens_per_s'))} tok/s, engine start {_fmt(gen.get('startup_s'))} s.",
         ]
+    lines += metric_fallback_notes(report) + compute_markdown(report.get("compute"))
     return "\n".join(lines) + "\n"
 
 

@@ -28,8 +28,13 @@ ROWS_PER_TASK = 150
 
 
 def _moea(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "moe_adapters.cli", *args], env=env, text=True,
-                            capture_output=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_adapters.cli", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, f"moea {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -66,21 +71,35 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     tmp = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "MOEA_REGISTRY_URL": f"sqlite:///{tmp / 'registry.db'}",
-           "MOEA_STORE_DIR": str(tmp / "store"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MOEA_REGISTRY_URL": f"sqlite:///{tmp / 'registry.db'}",
+        "MOEA_STORE_DIR": str(tmp / "store"),
+        "PYTHONUNBUFFERED": "1",
+    }
     mixture, held_out = _tiny_mixture(tmp)
     _moea("train", str(mixture), "--out", str(tmp / "run"), env=env)
     registered = _moea("register", str(tmp / "run"), env=env)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = (tmp / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "moe_adapters.cli", "serve", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moe_adapters.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_until_ready(base_url, server, timeout_s=600)
-        yield {"base_url": base_url, "held_out": held_out, "register_output": registered.stdout,
-               "server": server, "tmp": tmp, "env": env}
+        yield {
+            "base_url": base_url,
+            "held_out": held_out,
+            "register_output": registered.stdout,
+            "server": server,
+            "tmp": tmp,
+            "env": env,
+        }
     finally:
         stop_process_group(server)
         log.close()
@@ -96,7 +115,8 @@ def _chat(
     client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 24
 ) -> tuple[str, str, dict[str, object]]:
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0)
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0
+    )
     completion = raw.parse()
     extra = completion.model_extra or {}
     return raw.headers["x-moea-expert"], completion.choices[0].message.content or "", extra.get("moea", {})
@@ -116,8 +136,9 @@ def test_models_lists_moe_base_and_every_expert(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_moe_routes_each_task_to_its_expert(client: openai.OpenAI, served: dict[str, object],
-                                            task: str) -> None:
+def test_moe_routes_each_task_to_its_expert(
+    client: openai.OpenAI, served: dict[str, object], task: str
+) -> None:
     for prompt in served["held_out"][task]:  # type: ignore[index]
         header, _, moea_field = _chat(client, "moe", prompt)
         assert header == f"{task}@1", f"{prompt!r} went to {header}"
@@ -142,8 +163,13 @@ def test_pinned_version_and_streaming(client: openai.OpenAI, served: dict[str, o
     # Same max_tokens for both: a longer answer cut at different lengths is not a streaming bug.
     header, text, _ = _chat(client, "dates@1", prompt, max_tokens=16)
     assert header == "dates@1" and text
-    stream = client.chat.completions.create(model="dates@1", messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=16, temperature=0.0, stream=True)
+    stream = client.chat.completions.create(
+        model="dates@1",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=16,
+        temperature=0.0,
+        stream=True,
+    )
     chunks = list(stream)
     streamed = "".join((chunk.choices[0].delta.content or "") for chunk in chunks if chunk.choices)
     assert streamed.strip() == text.strip()
@@ -153,8 +179,9 @@ def test_pinned_version_and_streaming(client: openai.OpenAI, served: dict[str, o
 
 def test_completions_endpoint_routes(client: openai.OpenAI, served: dict[str, object]) -> None:
     prompt = served["held_out"]["math"][0]  # type: ignore[index]
-    raw = client.completions.with_raw_response.create(model="math", prompt=prompt, max_tokens=16,
-                                                      temperature=0.0)
+    raw = client.completions.with_raw_response.create(
+        model="math", prompt=prompt, max_tokens=16, temperature=0.0
+    )
     assert raw.headers["x-moea-expert"] == "math@1"
     assert raw.parse().choices[0].text is not None
 
@@ -173,12 +200,25 @@ def test_health_is_open(served: dict[str, object]) -> None:
 
 def test_example_client_runs_against_the_server(served: dict[str, object]) -> None:
     """examples/client.py is what the README and the demo run: it must work as shipped."""
-    result = subprocess.run([sys.executable, str(EXAMPLES / "client.py"), "--base-url", f"{served['base_url']}/v1",
-                             "--per-task", "1", "--min-routing-accuracy", "0.75"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "client.py"),
+            "--base-url",
+            f"{served['base_url']}/v1",
+            "--per-task",
+            "1",
+            "--min-routing-accuracy",
+            "0.75",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for task in TASKS:
         assert f"{task}@1" in result.stdout
+
 
 def test_served_answers_equal_moea_eval(client: openai.OpenAI, served: dict[str, object]) -> None:
     """What `moea eval` scores is what `moea serve` returns. `moea eval --endpoint` sends eval's rows as a
@@ -189,14 +229,30 @@ def test_served_answers_equal_moea_eval(client: openai.OpenAI, served: dict[str,
     prompt, far more answers change."""
     tmp, env = served["tmp"], served["env"]
     assert isinstance(tmp, Path) and isinstance(env, dict)
-    _moea("eval", str(tmp / "run"), "--out", str(tmp / "eval"), "--systems", "moe", "--max-examples", "4",
-          "--max-new-tokens", "24", "--endpoint", f"{served['base_url']}/v1", env=env)
+    _moea(
+        "eval",
+        str(tmp / "run"),
+        "--out",
+        str(tmp / "eval"),
+        "--systems",
+        "moe",
+        "--max-examples",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--endpoint",
+        f"{served['base_url']}/v1",
+        env=env,
+    )
     report = json.loads((tmp / "eval" / "eval.json").read_text())
     rows = [json.loads(line) for line in (tmp / "eval" / "eval_outputs.jsonl").read_text().splitlines()]
     assert len(rows) >= 4 * len(TASKS) and report["served"]["requests"] == len(rows)
     assert all([m["role"] for m in row["messages"]] == ["user"] for row in rows)  # no client system prompt
-    differ = [(r["messages"][0]["content"][:50], r["outputs"]["moe"], r["outputs"]["served"])
-              for r in rows if r["outputs"]["moe"] != r["outputs"]["served"]]
+    differ = [
+        (r["messages"][0]["content"][:50], r["outputs"]["moe"], r["outputs"]["served"])
+        for r in rows
+        if r["outputs"]["moe"] != r["outputs"]["served"]
+    ]
     assert len(differ) <= max(1, len(rows) // 10), f"{len(differ)} of {len(rows)} differ: {differ}"
     assert report["served"]["same_route"] >= 0.9
     assert report["served"]["same_answer_as_moe"] == 1 - len(differ) / len(rows)
@@ -207,8 +263,10 @@ def test_served_answers_equal_moea_eval(client: openai.OpenAI, served: dict[str,
     _, _, moea = _chat(client, "sentiment", served["held_out"]["sentiment"][0])  # type: ignore[index]
     assert moea.get("system_prompt") == "expert"
     raw = client.chat.completions.with_raw_response.create(
-        model="sentiment", max_tokens=4, messages=[{"role": "system", "content": "Be brief."},
-                                                   {"role": "user", "content": "Great phone!"}])
+        model="sentiment",
+        max_tokens=4,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Great phone!"}],
+    )
     assert ((raw.parse().model_extra or {}).get("moea") or {}).get("system_prompt") == "client"
 
 

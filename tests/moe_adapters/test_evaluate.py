@@ -18,9 +18,11 @@ from moe_adapters.evaluate import (
     _router_report,
     _score,
     compare_markdown,
+    compute_markdown,
     evaluate_run,
     load_eval,
     render_markdown,
+    training_compute,
     write_reports,
 )
 
@@ -100,10 +102,15 @@ def test_reports_compare_and_cli(tmp_path: Path) -> None:
     )
     report = _score(cases, routes, plan, ["2"] * len(plan.requests), ["math", "tone"])
     report["run_dir"] = "runA"
+    report["compute"] = training_compute(
+        _metrics_json(tmp_path / "run", {"math": (10, 1), "tone": (30, 2)}), None, list(plan.systems)
+    )
     paths = write_reports(report, tmp_path / "a")
     assert all(p.is_file() for p in paths.values()) and {"scores_png", "confusion_png"} <= set(paths)
     markdown = (tmp_path / "a" / "eval.md").read_text()
     assert "| math | math | 2 |" in markdown and "Router confusion" in markdown
+    assert "| moe | 40 | 3 | 1.000 | sum over 2 experts |" in markdown
+    assert load_eval(tmp_path / "a")["compute"]["systems"]["base"]["train_tokens"] == 0
     assert render_markdown(report) == markdown
     other = json.loads(json.dumps(report))
     other["tasks"]["math"]["systems"]["moe"]["score"] = 0.0
@@ -117,6 +124,94 @@ def test_reports_compare_and_cli(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="run `moea eval"):
         load_eval(tmp_path / "missing")
     assert CliRunner().invoke(eval_command, []).exit_code != 0
+
+
+def _metrics_json(run: Path, experts: dict[str, tuple[int, int]], budget: dict | None = None) -> Path:
+    """A hand-made metrics.json: {task: (train_tokens, steps)} as `moea train` writes them."""
+    run.mkdir(parents=True)
+    metrics: dict = {
+        "experts": {t: {"train_tokens": tok, "steps": st, "tasks": [t]} for t, (tok, st) in experts.items()},
+        "train": {
+            "train_tokens": sum(tok for tok, _ in experts.values()),
+            "steps": sum(st for _, st in experts.values()),
+        },
+    }
+    if budget is not None:
+        metrics["budget"] = budget
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+PER_EXPERT = {"budget": "per-expert", "max_steps": 50, "experts_max_steps": 100, "n_experts": 2}
+COMPUTE_CASES = [
+    # (multitask run's budget record, multitask tokens and steps, expected multitask row text)
+    (
+        PER_EXPERT,
+        (2_500, 50),
+        "| multitask | 2,500 | 50 | 0.500 | multi-task run; budget per-expert: 50 steps",
+    ),
+    (None, (5_000, 100), "| multitask | 5,000 | 100 | 1.000 | multi-task run; budget not recorded"),
+]
+
+
+@pytest.mark.parametrize(("budget", "multitask", "row"), COMPUTE_CASES)
+def test_training_compute_per_system(tmp_path: Path, budget: dict | None, multitask: tuple, row: str) -> None:
+    run = _metrics_json(tmp_path / "run", {"math": (3_000, 60), "tone": (2_000, 40)})
+    mt = _metrics_json(tmp_path / "mt", {"multitask": multitask}, budget)
+    systems = ["base", "oracle", "moe", "multitask", "random", "served"]
+    compute = training_compute(run, mt, systems)
+    by_system = {s: (c["train_tokens"], c["steps"]) for s, c in compute["systems"].items()}
+    assert by_system == {
+        "base": (0, 0),
+        "oracle": (5_000, 100),  # sum over experts
+        "moe": (5_000, 100),
+        "random": (5_000, 100),
+        "multitask": multitask,
+        "served": (None, None),  # a live endpoint's training is not known to eval
+    }
+    assert compute["systems"]["multitask"]["budget"] == budget
+    assert compute["experts"]["math"] == {"train_tokens": 3_000, "steps": 60}
+    markdown = "\n".join(compute_markdown(compute))
+    assert (
+        "## Training compute" in markdown
+        and "| oracle | 5,000 | 100 | 1.000 | sum over 2 experts |" in markdown
+    )
+    assert row in markdown and "| base | 0 | 0 | 0.000 | no training |" in markdown
+
+
+def test_training_compute_without_metrics_is_unknown_not_zero(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    compute = training_compute(tmp_path / "run", None, ["base", "moe"], {"math": "math@prod"})
+    assert (
+        compute["systems"]["moe"]["train_tokens"] is None and "missing" in compute["systems"]["moe"]["source"]
+    )
+    assert "registry" in compute["note"]
+    # A single-adapter run evaluated on its own: its multitask entry is not counted as an expert.
+    run = _metrics_json(tmp_path / "single", {"multitask": (900, 30)}, PER_EXPERT)
+    compute = training_compute(run, run, ["base", "multitask"])
+    assert compute["experts"] == {} and compute["systems"]["multitask"]["steps"] == 30
+    assert compute_markdown(None) == []
+
+
+def test_real_task_kinds_scored_with_row_extras_and_fallback_noted() -> None:
+    tests = {"test_list": ["assert sq(3) == 9"], "test_setup_code": ""}
+    cases = [
+        _Case("squad", "qa", "Who won?", [], "Denver Broncos", False, {"references": ["Broncos"]}),
+        _Case("wnut", "ner", "Text: Ann in Oslo", [], "person: Ann\nlocation: Oslo", False),
+        _Case("mbpp", "code", "square", [], "def sq(x): return x * x", False, tests),
+        _Case("mbpp", "code", "square again", [], "def sq(x): return x * x", False),  # no tests
+    ]
+    experts = {"squad": Path("q"), "wnut": Path("w"), "mbpp": Path("c")}
+    routes = ["squad", "wnut", "mbpp", "mbpp"]
+    plan = _plan(cases, routes, experts, None, EvalSettings(systems=("oracle",)))
+    outputs = {0: "the Broncos", 1: "person: Ann", 2: "```python\ndef sq(x):\n    return x ** 2\n```", 3: "x"}
+    report = _score(cases, routes, plan, [outputs[c] for _, c in plan.requests], sorted(experts))
+    oracle = {t: report["tasks"][t]["systems"]["oracle"] for t in experts}
+    assert oracle["squad"]["exact_match"] == 1.0 and oracle["squad"]["metric"] == "token_f1"
+    assert oracle["wnut"]["score"] == pytest.approx(2 / 3)  # 1 TP, 1 miss
+    assert oracle["mbpp"]["pass_at_1"] == 1.0 and oracle["mbpp"]["metric"] == "rougeL"
+    report["run_dir"] = "run"
+    assert "- mbpp (code): headline is rougeL, not pass_at_1: 1 of 2 test rows" in render_markdown(report)
 
 
 def test_eval_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
