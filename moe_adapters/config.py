@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import yaml
 
+from moe_adapters.templates import TemplateError, read_templates_file, validate_templates
+
 TaskKind = Literal["generation", "classification", "math", "extraction"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -65,6 +67,19 @@ class TaskConfig:
     """Explicit validation file; otherwise validation rows are split off ``files``."""
     test_file: Path | None = None
     """Explicit test file; otherwise test rows are split off ``files``."""
+    templates: list[str] | None = None
+    """Instruction templates (FLAN-style), each with the placeholder ``{input}`` (literal braces as ``{{``
+    and ``}}``). When set, ``prompt_field`` holds the raw input and each row is rendered with one template
+    drawn by a hash of the task name and the input (same row, same wording: splits, resume and eval
+    agree); the router trains on every rendering of each training row. None: prompts are used as they are."""
+    templates_file: Path | None = None
+    """The templates in a file instead (relative to the YAML): a YAML/JSON list of strings, or text with one
+    template per line (``\\n`` = line break, ``#`` = comment). Read into ``templates`` when the mixture is
+    loaded, so a run's resolved mixture.yaml holds the templates it was trained with."""
+    unseen_test_file: Path | None = None
+    """Test rows worded with instructions that no training row uses (same columns; prompts taken as they
+    are, never templated, never trained on). ``moea eval`` reports them in a separate section: routing
+    accuracy, scores, routed/oracle and the share sent to the base model on unseen wordings."""
 
 
 @dataclass
@@ -209,6 +224,9 @@ class MixtureConfig:
     """Optimization."""
     router: RouterSettings = field(default_factory=RouterSettings)
     """Router training."""
+    ood_test_file: Path | None = None
+    """Prompts that no task covers (chit-chat, other languages; a ``prompt`` column), relative to the YAML,
+    e.g. ``examples/ood_prompts.jsonl``: ``moea eval`` reports the share the router leaves to the base model."""
     source_path: Path | None = None
     """The YAML file this was loaded from (set by :func:`load_mixture`, not read from YAML)."""
 
@@ -242,6 +260,7 @@ def load_mixture(path: str | Path, overrides: dict[str, Any] | None = None) -> M
     if config is not None and not errors:  # range checks need well-typed values
         _resolve_paths(config, path.parent)
         config.source_path = path
+        errors += _load_templates(config)
         errors += validate_mixture(config)
     if errors:
         raise ConfigError(f"{path}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
@@ -359,11 +378,37 @@ def _resolve_paths(config: MixtureConfig, root: Path) -> None:
         task.files = [(root / f).resolve() for f in task.files]
         task.val_file = (root / task.val_file).resolve() if task.val_file else None
         task.test_file = (root / task.test_file).resolve() if task.test_file else None
+        task.templates_file = (root / task.templates_file).resolve() if task.templates_file else None
+        task.unseen_test_file = (root / task.unseen_test_file).resolve() if task.unseen_test_file else None
+    config.ood_test_file = (root / config.ood_test_file).resolve() if config.ood_test_file else None
     # A base model that names an existing folder (relative to the YAML) becomes absolute; anything else
     # ("default", a hub id) is left for base_model.resolve_base_model.
     base = (root / Path(config.base_model).expanduser()) if isinstance(config.base_model, str) else None
     if base is not None and base.is_dir():
         config.base_model = str(base.resolve())
+
+
+def _load_templates(config: MixtureConfig) -> list[str]:
+    """Read every ``templates_file`` into ``templates`` (then cleared) and check every task's templates."""
+    errors = []
+    for i, task in enumerate(config.tasks):
+        key = f"tasks[{i}]({task.name})"
+        if task.templates_file is not None:
+            if task.templates is not None:
+                errors.append(f"{key}: set templates or templates_file, not both")
+                continue
+            try:
+                task.templates = read_templates_file(task.templates_file)
+            except TemplateError as error:
+                errors.append(f"{key}.templates_file: {error}")
+                continue
+            where = f"{key}.templates_file ({task.templates_file.name})"
+            task.templates_file = None
+        else:
+            where = f"{key}.templates"
+        for problem in validate_templates(task.templates) if task.templates is not None else []:
+            errors.append(f"{where}{problem}" if problem.startswith("[") else f"{where}: {problem}")
+    return errors
 
 
 def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat list of independent checks
@@ -382,13 +427,17 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
             errors.append(f"{key}.name: must match [a-z0-9][a-z0-9_-]* (e.g. 'sentiment_en')")
         if not task.files:
             errors.append(f"{key}.files: at least one data file is required")
-        for f in [*task.files, task.val_file, task.test_file]:
+        for f in [*task.files, task.val_file, task.test_file, task.unseen_test_file]:
             if f is None:
                 continue
             if f.suffix.lower() not in DATA_SUFFIXES:
                 errors.append(f"{key}: {f.name}: unsupported file type; use one of {list(DATA_SUFFIXES)}")
             elif not f.is_file():
                 errors.append(f"{key}: data file {f} not found (paths are relative to the mixture YAML)")
+    if config.ood_test_file is not None and not config.ood_test_file.is_file():
+        errors.append(
+            f"ood_test_file: {config.ood_test_file} not found (paths are relative to the mixture YAML)"
+        )
     s, sp, lo, tr = config.sampling, config.splits, config.lora, config.train
     if s.temperature <= 0:
         errors.append(f"sampling.temperature: must be > 0, got {s.temperature}")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe_adapters.config import MixtureConfig, SplitConfig, TaskConfig
+from moe_adapters.templates import TemplateChoice, render_row
 
 IGNORE_INDEX = -100
 """Label value ignored by the loss (prompt and padding positions)."""
@@ -42,6 +43,8 @@ class Row:
     system: str | None
     source: str
     """``file:line`` (JSONL/CSV) or ``file:row N`` (Parquet), for error messages."""
+    template: TemplateChoice | None = None
+    """For a task with ``templates``: the template drawn for this row and the raw input it wrapped."""
 
     def as_dict(self) -> dict[str, str | None]:
         """The contract's row shape."""
@@ -71,6 +74,8 @@ class TaskData:
     test: list[Row]
     train_examples: list[Example] = field(default_factory=list)
     val_examples: list[Example] = field(default_factory=list)
+    unseen: list[Row] = field(default_factory=list)
+    """Rows of ``unseen_test_file``, as worded there (never templated, never trained on; eval only)."""
     rows_loaded: int = 0
     """Rows read from all files of the task (before de-duplication)."""
     duplicates_dropped: int = 0
@@ -115,6 +120,10 @@ def load_mixture_data(config: MixtureConfig, tokenizer: Any) -> MixtureData:
         tasks[task.name] = TaskData(
             task, train, val, test, rows_loaded=loaded, duplicates_dropped=dups + len(leaked)
         )
+        if task.unseen_test_file:  # worded by hand already: loaded without the task's templates
+            tasks[task.name].unseen = _load_files(
+                replace(task, templates=None), [task.unseen_test_file], problems
+            )
     for data in tasks.values():
         data.train_examples = tokenize_rows(data.train, tokenizer, config.train.max_length, problems)
         data.val_examples = tokenize_rows(data.val, tokenizer, config.train.max_length, problems)
@@ -227,7 +236,8 @@ def _to_row(task: TaskConfig, record: dict[str, Any], source: str, problems: lis
         values[field_name] = text
     if not ok:
         return None
-    return Row(values[task.prompt_field], values[task.response_field], task.system_prompt, source)
+    prompt, template = render_row(task.templates, task.name, values[task.prompt_field])
+    return Row(prompt, values[task.response_field], task.system_prompt, source, template)
 
 
 def _key(row: Row) -> tuple[str | None, str, str]:
