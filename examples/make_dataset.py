@@ -207,6 +207,7 @@ def make_sentiment(rng: random.Random) -> Row:
     return {
         "prompt": _pick(rng, SENTIMENT_INSTRUCTIONS).format(text=text),
         "response": "positive" if positive else "negative",
+        "input": text,
     }
 
 
@@ -286,7 +287,7 @@ MATH_INSTRUCTIONS = [
 
 def make_math(rng: random.Random) -> Row:
     question, answer = _math_problem(rng)
-    return {"prompt": _pick(rng, MATH_INSTRUCTIONS).format(q=question), "response": answer}
+    return {"prompt": _pick(rng, MATH_INSTRUCTIONS).format(q=question), "response": answer, "input": question}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,9 +322,12 @@ def make_extraction(rng: random.Random) -> Row:
         f"The {job} {name} celebrated turning {age} last week in {city}.",
     ]
     record = {"name": name, "age": age, "city": city}
+    instruction = _pick(rng, EXTRACTION_INSTRUCTIONS)  # drawn before the sentence: keeps the files stable
+    text = _pick(rng, templates)
     return {
-        "prompt": _pick(rng, EXTRACTION_INSTRUCTIONS).format(text=_pick(rng, templates)),
+        "prompt": instruction.format(text=text),
         "response": json.dumps(record, separators=(",", ":")),
+        "input": text,
     }
 
 
@@ -367,6 +371,7 @@ def make_date(rng: random.Random) -> Row:
     sentence = _pick(rng, DATE_SENTENCES).format(d=_pick(rng, forms))
     return {
         "prompt": _pick(rng, DATE_INSTRUCTIONS).format(s=sentence),
+        "input": sentence,
         "response": f"{year:04d}-{month:02d}-{day:02d}",
     }
 
@@ -545,13 +550,14 @@ def _ticket(rng: random.Random) -> tuple[str, bool, str]:
 
 def make_triage(rng: random.Random) -> Row:
     team, _, text = _ticket(rng)
-    return {"prompt": _pick(rng, TRIAGE_INSTRUCTIONS).format(msg=text), "response": team}
+    return {"prompt": _pick(rng, TRIAGE_INSTRUCTIONS).format(msg=text), "response": team, "input": text}
 
 
 def make_tone(rng: random.Random) -> Row:
     _, is_positive, text = _ticket(rng)
     return {
         "prompt": _pick(rng, TONE_INSTRUCTIONS).format(msg=text),
+        "input": text,
         "response": "positive" if is_positive else "negative",
     }
 
@@ -565,6 +571,25 @@ def _customer(rng: random.Random) -> tuple[str, int, str, int, int]:
         rng.randint(1000, 9999),
         rng.randint(5, 900),
     )
+
+
+SQL_INSTRUCTIONS = [
+    "Write a SQL query for {q}.",
+    "Tables: customers(name, age, city), orders(id, customer, city, amount). Query: {q}",
+    "Show me {q}.",
+    "SQL please: {q}",
+    "I need a query that returns {q}.",
+    "Translate to SQL: {q}",
+    "From the customers/orders database, get {q}.",
+]
+RECORD_INSTRUCTIONS = [
+    "Extract the fields as JSON: {text}",
+    "Turn this into a record: {text}",
+    "{text}\nGive me the structured data.",
+    "Parse into JSON: {text}",
+    "Fill the customer database entry from this note: {text}",
+    "Note: {text}\nRecord:",
+]
 
 
 def make_sql(rng: random.Random) -> Row:
@@ -597,16 +622,7 @@ def make_sql(rng: random.Random) -> Row:
         )
     else:
         question, sql = (f"the age of {name}", f"SELECT age FROM customers WHERE name = '{name}';")
-    phrasings = [
-        f"Write a SQL query for {question}.",
-        f"Tables: customers(name, age, city), orders(id, customer, city, amount). Query: {question}",
-        f"Show me {question}.",
-        f"SQL please: {question}",
-        f"I need a query that returns {question}.",
-        f"Translate to SQL: {question}",
-        f"From the customers/orders database, get {question}.",
-    ]
-    return {"prompt": _pick(rng, phrasings), "response": sql}
+    return {"prompt": _pick(rng, SQL_INSTRUCTIONS).format(q=question), "response": sql, "input": question}
 
 
 def make_record(rng: random.Random) -> Row:
@@ -632,15 +648,11 @@ def make_record(rng: random.Random) -> Row:
             f"{name} ({age}) paid {amount} euros for an order from {city}.",
             {"name": name, "age": age, "amount": amount},
         )
-    phrasings = [
-        f"Extract the fields as JSON: {text}",
-        f"Turn this into a record: {text}",
-        f"{text}\nGive me the structured data.",
-        f"Parse into JSON: {text}",
-        f"Fill the customer database entry from this note: {text}",
-        f"Note: {text}\nRecord:",
-    ]
-    return {"prompt": _pick(rng, phrasings), "response": json.dumps(record, separators=(",", ":"))}
+    return {
+        "prompt": _pick(rng, RECORD_INSTRUCTIONS).format(text=text),
+        "response": json.dumps(record, separators=(",", ":")),
+        "input": text,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -712,6 +724,146 @@ OOD_PROMPTS: list[tuple[str, str]] = [
 
 
 # --------------------------------------------------------------------------------------------------
+# Wordings. Unseen: instructions that no training row of any mixture uses (not in the *_INSTRUCTIONS
+# lists above, nor in the extra templates below); each task's ``unseen_test_file`` wraps fresh inputs
+# (not in any training row) in them, for `moea eval`'s robustness section. Extra templates: more
+# training wordings for the hard set's templated variant (``hard/mixture_templates.yaml``).
+# --------------------------------------------------------------------------------------------------
+UNSEEN_ROWS_PER_TASK = 40
+UNSEEN_WORDINGS: dict[str, list[str]] = {
+    "sentiment": [
+        "Did the writer like it? Answer positive or negative.\n{input}",
+        "{input}\n\nthumbs up or thumbs down?",
+        "Here's a review I found: {input} Overall verdict?",
+        "Decide whether this opinion is favourable or unfavourable: {input}",
+        "How does the reviewer feel about it? {input}",
+    ],
+    "math": [
+        "Can you help my kid with this one? {input}",
+        "{input} Please calculate it.",
+        "Here is a word problem from homework: {input}",
+        "Figure this out for me: {input}",
+        "Compute the result. {input}",
+    ],
+    "extraction": [
+        "Pull out the person's name, age and city from this text and give JSON: {input}",
+        "{input}\n\nstructured version please (name/age/city)",
+        "Who is described here? Reply with a JSON object. {input}",
+        "Make a JSON profile out of: {input}",
+        "Grab name, age and city: {input}",
+    ],
+    "dates": [
+        "What's this date in ISO form? {input}",
+        "{input}\n\nFormat that date as year-month-day.",
+        "Please standardise the date mentioned here: {input}",
+        "Give me the YYYY-MM-DD for: {input}",
+        "When is this, written the ISO way? {input}",
+    ],
+    "triage": [
+        "hey, which of our teams should I forward this one to?\n\n{input}",
+        "{input}\n\n(forwarding to the right desk: billing, technical, account or shipping?)",
+        "Please figure out which group handles this complaint: {input}",
+        "Email from a client below. What kind of issue is it (billing / technical / account / shipping)?\n{input}",
+        "Dispatch this request to the correct department.\n{input}",
+        "{input}\nWhose job is this?",
+    ],
+    "tone": [
+        "quick one: is this person angry or pleased with us?\n\n{input}",
+        "{input}\n\nWould you say the writer is content or upset? (positive/negative)",
+        "Gauge the customer's attitude in this email: {input}",
+        "How satisfied does this client seem? Say positive or negative.\n{input}",
+        "Detect the feeling behind this feedback: {input}",
+        "{input}\nGood vibes or bad vibes?",
+    ],
+    "sql": [
+        "Can you pull {input} from our db?",
+        "Need a quick select statement: {input}",
+        "What SQL would list {input}?",
+        "{input}: write the query for me.",
+        "Against the customers and orders tables, fetch {input}.",
+        "Help me retrieve {input} with a query.",
+    ],
+    "records": [
+        "Can you turn this CRM note into JSON for me? {input}",
+        "{input}\n\njson version?",
+        "Capture the details of this order note as key/value JSON: {input}",
+        "I need this as machine-readable data: {input}",
+        "Log this in structured form.\n{input}",
+        "Serialize the facts in this sentence: {input}",
+    ],
+}
+EXTRA_TEMPLATES: dict[str, list[str]] = {
+    "triage": [
+        "Support inbox item:\n{input}\n\nPick the owning team: billing, technical, account or shipping.",
+        "Classify this ticket by team. {input}",
+        "Who should pick this up, billing, technical, account or shipping? {input}",
+        "New ticket in the helpdesk: {input}\nResponsible team:",
+        "Sort the following message into the right support queue.\n\n{input}",
+    ],
+    "tone": [
+        "Classify the sentiment of this support message.\n{input}",
+        "Was this customer pleased or annoyed? positive/negative\n{input}",
+        "{input}\nTone (positive or negative):",
+        "Read the customer's note and say if the sentiment is positive or negative. {input}",
+        "Emotion of the writer, positive or negative? {input}",
+    ],
+    "sql": [
+        "Give me the SQLite statement for {input}.",
+        "Query the database for {input}.",
+        "Compose a SELECT that finds {input}.",
+        "Database question: {input}",
+        "How would I look up {input} in SQL?",
+    ],
+    "records": [
+        "Convert this note to a JSON object: {input}",
+        "{input}\nAs JSON, please.",
+        "Pull the structured fields out of this text. {input}",
+        "Make a data entry for: {input}",
+        "Structured record for the following note.\n{input}",
+    ],
+}
+# Each task's shipped instructions and the name of their placeholder.
+TRAINING_WORDINGS: dict[str, tuple[list[str], str]] = {
+    "sentiment": (SENTIMENT_INSTRUCTIONS, "text"),
+    "math": (MATH_INSTRUCTIONS, "q"),
+    "extraction": (EXTRACTION_INSTRUCTIONS, "text"),
+    "dates": (DATE_INSTRUCTIONS, "s"),
+    "triage": (TRIAGE_INSTRUCTIONS, "msg"),
+    "tone": (TONE_INSTRUCTIONS, "msg"),
+    "sql": (SQL_INSTRUCTIONS, "q"),
+    "records": (RECORD_INSTRUCTIONS, "text"),
+}
+
+
+def training_templates(task: str, extra: bool = False) -> list[str]:
+    """A task's shipped instructions as ``{input}`` templates (plus the extra ones with ``extra``)."""
+    wordings, name = TRAINING_WORDINGS[task]
+    shipped = [w.replace("{" + name + "}", "{input}") for w in wordings]
+    return shipped + (EXTRA_TEMPLATES.get(task, []) if extra else [])
+
+
+def unseen_rows(
+    rng: random.Random, task: str, make: Callable[[random.Random], Row], n: int, seen_inputs: set[str]
+) -> list[Row]:
+    """``n`` rows with fresh inputs (not in ``seen_inputs``) worded with the task's unseen instructions."""
+    rows: list[Row] = []
+    prompts: set[str] = set()
+    for _ in range(n * 200):
+        if len(rows) == n:
+            return rows
+        row = make(rng)
+        if row["input"] in seen_inputs:
+            continue
+        prompt = _pick(rng, UNSEEN_WORDINGS[task]).replace("{input}", row["input"])
+        if prompt not in prompts:
+            prompts.add(prompt)
+            rows.append({"prompt": prompt, "response": row["response"]})
+    if len(rows) < n:
+        raise RuntimeError(f"{task}: could not produce {n} unseen rows with fresh inputs")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
 def _jsonl(rows: list[dict[str, str]]) -> str:
@@ -731,6 +883,25 @@ def _csv(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
+def _yaml_list(header: str, items: list[str]) -> str:
+    """A YAML list of strings (JSON string syntax is valid YAML; stdlib only)."""
+    return header + "".join(f"- {json.dumps(item, ensure_ascii=False)}\n" for item in items)
+
+
+def _prompt_rows(rows: list[Row]) -> list[Row]:
+    return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+
+
+def _raw_rows(rows: list[Row]) -> list[Row]:
+    """Raw-input rows for a templated task, first occurrence of each input. The column is ``prompt`` (the
+    default ``prompt_field``) so the task's ``unseen_test_file``, whose prompts are worded already, shares
+    the column name with the hard set's."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        seen.setdefault(row["input"], {"prompt": row["input"], "response": row["response"]})
+    return list(seen.values())
+
+
 def build_files(seed: int = DEFAULT_SEED) -> dict[str, str]:
     """Every generated file as ``{path relative to examples/: text}`` — same seed, same text."""
     files: dict[str, str] = {}
@@ -743,10 +914,11 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, str]:
         ("dates", make_date, 300),
     ]
     easy_taken.update(q for q, _ in GENERAL_QA)
+    easy_rows = {}
     for offset, (task, make, n) in enumerate(easy):
-        rows = collect_rows(random.Random(seed * 1000 + offset), make, n, easy_taken)
+        rows = easy_rows[task] = collect_rows(random.Random(seed * 1000 + offset), make, n, easy_taken)
         files[f"data/{task}.csv" if task == "extraction" else f"data/{task}.jsonl"] = (
-            _csv(rows) if task == "extraction" else _jsonl(rows)
+            _csv(_prompt_rows(rows)) if task == "extraction" else _jsonl(_prompt_rows(rows))
         )
     files["data/general.jsonl"] = _jsonl(general_rows())
 
@@ -757,11 +929,39 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, str]:
         ("sql", make_sql, 340),
         ("records", make_record, 300),
     ]
+    hard_rows = {}
     for offset, (task, make, n) in enumerate(hard):
-        rows = collect_rows(random.Random(seed * 1000 + 100 + offset), make, n, hard_taken)
-        files[f"hard/data/{task}.jsonl"] = _jsonl(rows)
+        rows = hard_rows[task] = collect_rows(random.Random(seed * 1000 + 100 + offset), make, n, hard_taken)
+        files[f"hard/data/{task}.jsonl"] = _jsonl(_prompt_rows(rows))
 
     files["ood_prompts.jsonl"] = _jsonl([{"prompt": p, "category": c} for c, p in OOD_PROMPTS])
+    files.update(_wording_files(seed, easy, easy_rows, hard, hard_rows))
+    return files
+
+
+def _wording_files(
+    seed: int,
+    easy: list[tuple[str, Callable[[random.Random], Row], int]],
+    easy_rows: dict[str, list[Row]],
+    hard: list[tuple[str, Callable[[random.Random], Row], int]],
+    hard_rows: dict[str, list[Row]],
+) -> dict[str, str]:
+    """Unseen-wording test files of both mixtures and the hard set's templated variant (raw inputs +
+    templates). Inputs of any training row of a mixture are never reused in its unseen rows."""
+    files: dict[str, str] = {}
+    for prefix, specs, rows_by_task, base in (("", easy, easy_rows, 500), ("hard/", hard, hard_rows, 600)):
+        seen = {r["input"] for rows in rows_by_task.values() for r in rows}
+        for offset, (task, make, _) in enumerate(specs):
+            rng = random.Random(seed * 1000 + base + offset)
+            rows = unseen_rows(rng, task, make, UNSEEN_ROWS_PER_TASK, seen)
+            files[f"{prefix}data/unseen/{task}.jsonl"] = _jsonl(rows)
+    for task, _, _ in hard:
+        files[f"hard/data/raw/{task}.jsonl"] = _jsonl(_raw_rows(hard_rows[task]))
+        header = (
+            f"# Training wordings of the hard set's {task} task ({{input}} = the raw input), used by\n"
+            "# hard/mixture_templates.yaml. Generated by examples/make_dataset.py.\n"
+        )
+        files[f"hard/templates/{task}.yaml"] = _yaml_list(header, training_templates(task, extra=True))
     return files
 
 
@@ -790,7 +990,10 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        rows = len(read_csv_rows(text)) if rel.endswith(".csv") else text.count("\n")
+        if rel.endswith(".csv"):
+            rows = len(read_csv_rows(text))
+        else:
+            rows = text.count("\n- ") + text.startswith("- ") if rel.endswith(".yaml") else text.count("\n")
         print(f"wrote {path} ({rows} rows)")
     return 0
 

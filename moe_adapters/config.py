@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from moe_adapters.prompting import PromptPolicy, PromptSpec
+from moe_adapters.templates import TemplateError, read_templates_file, validate_templates
 
 TaskKind = Literal["generation", "classification", "math", "extraction", "qa", "ner", "code"]
 TASK_KINDS: tuple[str, ...] = typing.get_args(TaskKind)
@@ -124,6 +125,19 @@ class TaskConfig:
     test_file: Path | None = None
     """Explicit test file (a ``DatasetDict`` folder: its ``test`` split); otherwise test rows are split off
     ``files``."""
+    templates: list[str] | None = None
+    """Instruction templates (FLAN-style), each with the placeholder ``{input}`` (literal braces as ``{{``
+    and ``}}``). When set, ``prompt_field`` holds the raw input and each row is rendered with one template
+    drawn by a hash of the task name and the input (same row, same wording: splits, resume and eval
+    agree); the router trains on every rendering of each training row. None: prompts are used as they are."""
+    templates_file: Path | None = None
+    """The templates in a file instead (relative to the YAML): a YAML/JSON list of strings, or text with one
+    template per line (``\\n`` = line break, ``#`` = comment). Read into ``templates`` when the mixture is
+    loaded, so a run's resolved mixture.yaml holds the templates it was trained with."""
+    unseen_test_file: Path | None = None
+    """Test rows worded with instructions that no training row uses (same columns; prompts taken as they
+    are, never templated, never trained on). ``moea eval`` reports them in a separate section: routing
+    accuracy, scores, routed/oracle and the share sent to the base model on unseen wordings."""
 
     def prompt_spec(self) -> PromptSpec | None:
         """What shapes this task's prompts besides the chat template (None: nothing)."""
@@ -277,6 +291,9 @@ class MixtureConfig:
     """Optimization."""
     router: RouterSettings = field(default_factory=RouterSettings)
     """Router training."""
+    ood_test_file: Path | None = None
+    """Prompts that no task covers (chit-chat, other languages; a ``prompt`` column), relative to the YAML,
+    e.g. ``examples/ood_prompts.jsonl``: ``moea eval`` reports the share the router leaves to the base model."""
     source_path: Path | None = None
     """The YAML file this was loaded from (set by :func:`load_mixture`, not read from YAML)."""
 
@@ -310,6 +327,7 @@ def load_mixture(path: str | Path, overrides: dict[str, Any] | None = None) -> M
     if config is not None and not errors:  # range checks need well-typed values
         _resolve_paths(config, path.parent)
         config.source_path = path
+        errors += _load_templates(config)
         errors += validate_mixture(config)
     if errors:
         raise ConfigError(f"{path}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
@@ -449,6 +467,9 @@ def _resolve_paths(config: MixtureConfig, root: Path) -> None:
         task.test_file = (root / task.test_file).resolve() if task.test_file else None
         if task.dataset is not None:
             _resolve_dataset_paths(task.dataset, root)
+        task.templates_file = (root / task.templates_file).resolve() if task.templates_file else None
+        task.unseen_test_file = (root / task.unseen_test_file).resolve() if task.unseen_test_file else None
+    config.ood_test_file = (root / config.ood_test_file).resolve() if config.ood_test_file else None
     # A base model that names an existing folder (relative to the YAML) becomes absolute; anything else
     # ("default", a hub id) is left for base_model.resolve_base_model.
     base = (root / Path(config.base_model).expanduser()) if isinstance(config.base_model, str) else None
@@ -499,6 +520,29 @@ def saved_dataset_kind(folder: Path) -> str | None:
     return None
 
 
+def _load_templates(config: MixtureConfig) -> list[str]:
+    """Read every ``templates_file`` into ``templates`` (then cleared) and check every task's templates."""
+    errors = []
+    for i, task in enumerate(config.tasks):
+        key = f"tasks[{i}]({task.name})"
+        if task.templates_file is not None:
+            if task.templates is not None:
+                errors.append(f"{key}: set templates or templates_file, not both")
+                continue
+            try:
+                task.templates = read_templates_file(task.templates_file)
+            except TemplateError as error:
+                errors.append(f"{key}.templates_file: {error}")
+                continue
+            where = f"{key}.templates_file ({task.templates_file.name})"
+            task.templates_file = None
+        else:
+            where = f"{key}.templates"
+        for problem in validate_templates(task.templates) if task.templates is not None else []:
+            errors.append(f"{where}{problem}" if problem.startswith("[") else f"{where}: {problem}")
+    return errors
+
+
 def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat list of independent checks
     """All problems of a constructed mixture (empty list: valid). Warns on an unusual learning rate."""
     errors: list[str] = []
@@ -523,10 +567,16 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
                 f"{key}: give files (data files or save_to_disk folders) or dataset ({{path: ...}})"
             )
         errors += [
-            f"{key}: {p}" for f in [*task.files, task.val_file, task.test_file] if (p := _file_problem(f))
+            f"{key}: {p}"
+            for f in [*task.files, task.val_file, task.test_file, task.unseen_test_file]
+            if (p := _file_problem(f))
         ]
         if task.dataset is not None:
             errors += [f"{key}.dataset.{p}" for p in _dataset_problems(task.dataset)]
+    if config.ood_test_file is not None and not config.ood_test_file.is_file():
+        errors.append(
+            f"ood_test_file: {config.ood_test_file} not found (paths are relative to the mixture YAML)"
+        )
     s, sp, lo, tr = config.sampling, config.splits, config.lora, config.train
     if s.temperature <= 0:
         errors.append(f"sampling.temperature: must be > 0, got {s.temperature}")

@@ -23,6 +23,7 @@ import torch
 
 from moe_adapters.config import DatasetSource, MixtureConfig, SplitConfig, TaskConfig, saved_dataset_kind
 from moe_adapters.prompting import PromptSpec, expert_messages, render_chat
+from moe_adapters.templates import TemplateChoice, render_row
 
 IGNORE_INDEX = -100
 """Label value ignored by the loss (prompt and padding positions)."""
@@ -57,6 +58,8 @@ class Row:
     history: tuple[tuple[str, str], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """The task's ``eval_fields`` columns of this row (e.g. ``test_list`` for code), for eval metrics."""
+    template: TemplateChoice | None = None
+    """For a task with ``templates``: the template drawn for this row and the raw input it wrapped."""
 
     def client_messages(self) -> list[dict[str, str]]:
         """What a client sends for this row: history + the user message (no task system prompt)."""
@@ -96,6 +99,8 @@ class TaskData:
     test: list[Row]
     train_examples: list[Example] = field(default_factory=list)
     val_examples: list[Example] = field(default_factory=list)
+    unseen: list[Row] = field(default_factory=list)
+    """Rows of ``unseen_test_file``, as worded there (never templated, never trained on; eval only)."""
     rows_loaded: int = 0
     """Rows read from all files of the task (before de-duplication)."""
     duplicates_dropped: int = 0
@@ -145,6 +150,10 @@ def load_mixture_data(config: MixtureConfig, tokenizer: Any, *, single_adapter: 
         tasks[task.name] = TaskData(
             task, train, val, test, rows_loaded=loaded, duplicates_dropped=dups + len(leaked)
         )
+        if task.unseen_test_file:  # worded by hand already: loaded without the task's templates
+            tasks[task.name].unseen = _load_files(
+                replace(task, templates=None), [task.unseen_test_file], problems, "test"
+            )
     max_length, policy = config.train.max_length, config.train.long_rows
     for data in tasks.values():
         spec = training_prompt_spec(data.config, single_adapter)
@@ -542,7 +551,8 @@ def _to_row(task: TaskConfig, record: dict[str, Any], source: str, problems: lis
         values[field_name] = text
     if not ok:
         return None
-    return Row(values[task.prompt_field], values[task.response_field], source)
+    prompt, template = render_row(task.templates, task.name, values[task.prompt_field])
+    return Row(prompt, values[task.response_field], source, template=template)
 
 
 def _messages_row(task: TaskConfig, messages: Any, source: str, problems: list[str]) -> Row | None:
@@ -719,7 +729,7 @@ def _truncate(
         if over >= len(prompt_ids):
             return row, None  # even an empty user message would not fit: the answer is never cut
         prompt_ids = prompt_ids[over:]
-        row = Row(tokenizer.decode(prompt_ids).lstrip() or "…", row.response, row.source, row.history)
+        row = replace(row, prompt=tokenizer.decode(prompt_ids).lstrip() or "…")
     return row, example
 
 

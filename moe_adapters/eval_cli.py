@@ -110,4 +110,20 @@ def eval_command(
     click.echo(
         f"wrote {target / 'eval.json'}, eval.md, eval_outputs.jsonl, eval_scores.png, eval_confusion.png"
         + (f"; routed = {ratio:.1%} of oracle" if ratio is not None else "")
+        + _robustness_summary(report)
     )
+
+
+def _robustness_summary(report: dict) -> str:
+    """One clause for the unseen-wordings section and the OOD prompts, when the mixture has them."""
+    parts = []
+    unseen = report.get("unseen")
+    if unseen:
+        ratio = unseen["summary"].get("moe_vs_oracle_mean")
+        parts.append(
+            f"unseen wordings: routing {unseen['router']['accuracy']:.1%}"
+            + (f", routed = {ratio:.1%} of oracle" if ratio is not None else "")
+        )
+    if report.get("ood"):
+        parts.append(f"OOD prompts → base {report['ood']['to_base_rate']:.1%}")
+    return "".join(f"; {p}" for p in parts)

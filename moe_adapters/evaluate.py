@@ -15,6 +15,12 @@ adapter's own system prompt and policy — the function the gateway calls — an
 Replay tasks (mixture ``replay: true``) have no expert; they are scored as a "general" set, base vs
 routed, so forgetting caused by misrouting general prompts to an expert is visible.
 
+Robustness: a task's ``unseen_test_file`` (test rows worded with instructions no training row uses)
+is scored like the test split but reported apart (``unseen``: per-task scores, routing accuracy,
+routed/oracle, share sent to the base model), and the mixture's ``ood_test_file`` prompts are only
+routed (``ood``: share sent to the base model). Tasks with ``templates`` also get per-template scores
+(each test row in the wording drawn for it).
+
 Generation runs vLLM's offline engine in a child process (``python -m moe_adapters.evaluate
 --worker``), because vLLM's CPU engine spawns workers and must start under a ``__main__`` guard.
 Requests that several systems share (e.g. ``moe`` routed to the right expert = ``oracle``) are
@@ -35,15 +41,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .metrics import PRIMARY_METRIC, score_task
 from .prompting import PromptSpec, version_prompt_spec
+
+if TYPE_CHECKING:
+    from .config import TaskConfig
+    from .data import Row
 
 FORMAT_VERSION = 1
 OUTPUTS_NAME = "eval_outputs.jsonl"
 """Every scored row with each system's answer, next to eval.json."""
 BASE = "base"
+TEST, UNSEEN, OOD = "test", "unseen", "ood"
 SYSTEM_ORDER = ("base", "oracle", "moe", "served", "multitask", "random")
 GENERATED_SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
 """Systems eval generates itself; ``served`` is the live endpoint (``EvalSettings.endpoint``)."""
@@ -85,7 +96,9 @@ class EvalSettings:
 
 @dataclass
 class _Case:
-    """One test row of one task."""
+    """One test row of one task (``split`` "test"), one row of its ``unseen_test_file`` ("unseen"), or
+    one prompt of the mixture's ``ood_test_file`` ("ood": routed only, never generated; ``task`` holds
+    the prompt's category)."""
 
     task: str
     kind: str
@@ -97,6 +110,12 @@ class _Case:
     replay: bool
     extra: dict[str, Any] = field(default_factory=dict)
     """The row's ``eval_fields`` columns (``test_list`` for code, ``references`` for qa)."""
+    template: int | None = None
+    """Index of the template the row was rendered with (tasks with ``templates``); None otherwise."""
+    template_text: str | None = None
+    """That template's text, for the per-template report."""
+    split: str = "test"
+    """``test``, ``unseen`` or ``ood``."""
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -110,7 +129,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = None) -> list[_Case]:
-    """Every task's test rows, rebuilt from the run's resolved mixture.yaml (same split code as training)."""
+    """Every task's test rows, rebuilt from the run's resolved mixture.yaml (same split code as training),
+    then each task's ``unseen_test_file`` rows and the mixture's ``ood_test_file`` prompts (at most
+    ``max_per_task`` test and unseen rows per task)."""
     from .config import load_mixture
     from .data import load_mixture_data
 
@@ -120,17 +141,35 @@ def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = No
     config = load_mixture(mixture_path)
     data = load_mixture_data(config, tokenizer)
     cases = []
-    for name, task in data.tasks.items():
-        rows = task.test if max_per_task is None else task.test[:max_per_task]
-        cases += [
-            _Case(
-                name, task.config.kind, r.prompt, r.client_messages(), r.response, task.config.replay, r.extra
-            )
-            for r in rows
-        ]
-    if not cases:
+    for task in data.tasks.values():
+        for split, rows in ((TEST, task.test), (UNSEEN, task.unseen)):
+            kept = rows if max_per_task is None else rows[:max_per_task]
+            cases += [_case(task.config, r, split) for r in kept]
+    if not any(c.split == TEST for c in cases):
         raise EvalError(f"no test rows in {mixture_path}: set splits.test > 0 or give tasks a test_file")
-    return cases
+    return cases + _ood_cases(config.ood_test_file)
+
+
+def _case(task: TaskConfig, row: Row, split: str) -> _Case:
+    index = row.template.index if row.template is not None else None
+    text = task.templates[index] if index is not None and task.templates else None
+    fields = (task.name, task.kind, row.prompt, row.client_messages(), row.response, task.replay, row.extra)
+    return _Case(*fields, template=index, template_text=text, split=split)
+
+
+def _ood_cases(path: Path | None) -> list[_Case]:
+    """The mixture's out-of-distribution prompts (routed only; ``task`` = the ``category`` column or "ood")."""
+    if path is None:
+        return []
+    from .data import read_records
+
+    records = [r for _, r in read_records(path, text_fields=("prompt",))]
+    prompts = [(str(r.get("category") or OOD), r.get("prompt")) for r in records]
+    return [
+        _Case(category, "generation", p, [{"role": "user", "content": p}], "", True, split=OOD)
+        for category, p in prompts
+        if isinstance(p, str) and p.strip()
+    ]
 
 
 def _expert_dirs(run_dir: Path, multitask_run: Path | None) -> tuple[dict[str, Path], Path | None]:
@@ -182,6 +221,8 @@ def _plan(
     for system in wanted:
         plan.systems[system] = [-1] * len(cases)
     for i, case in enumerate(cases):
+        if case.split == OOD:
+            continue  # out-of-distribution prompts are only routed: no reference to score against
         own = case.task if case.task in experts else None
         choices: dict[str, str | None | bool] = {
             "base": None,
@@ -518,28 +559,40 @@ def _route(
 def _score(
     cases: list[_Case], routes: list[str | None], plan: _Plan, texts: list[str], labels: list[str]
 ) -> dict[str, Any]:
+    """The report: test split (``tasks``, ``general``, ``summary``, ``router``), then the same for the
+    unseen wordings (``unseen``, None without any) and the out-of-distribution prompts (``ood``)."""
+    split_rows: dict[str, list[int]] = {TEST: [], UNSEEN: [], OOD: []}
+    for i, case in enumerate(cases):
+        split_rows[case.split].append(i)
+    report = _score_rows(cases, routes, plan, texts, labels, split_rows[TEST])
+    unseen = split_rows[UNSEEN]
+    report["unseen"] = _score_rows(cases, routes, plan, texts, labels, unseen) if unseen else None
+    report["ood"] = _ood_report(cases, routes, split_rows[OOD]) if split_rows[OOD] else None
+    return report
+
+
+def _score_rows(
+    cases: list[_Case],
+    routes: list[str | None],
+    plan: _Plan,
+    texts: list[str],
+    labels: list[str],
+    selected: list[int],
+) -> dict[str, Any]:
+    """Per-task scores, summary and router report over the ``selected`` case indices."""
     tasks: dict[str, Any] = {}
     general: dict[str, Any] = {}
     by_task: dict[str, list[int]] = {}
-    for i, case in enumerate(cases):
-        by_task.setdefault(case.task, []).append(i)
+    for i in selected:
+        by_task.setdefault(cases[i].task, []).append(i)
     for task, rows in by_task.items():
         kind = cases[rows[0]].kind
-        references = [cases[i].reference for i in rows]
-        label_set = sorted({r.strip() for r in references}) if kind == "classification" else None
-        extras = [cases[i].extra for i in rows]
-        systems = {}
-        for system, request_ids in plan.systems.items():
-            ids = [request_ids[i] for i in rows]
-            if any(r < 0 for r in ids):
-                continue
-            predictions = [texts[r] for r in ids]
-            systems[system] = score_task(kind, predictions, references, label_set, extras)
+        label_set = sorted({cases[i].reference.strip() for i in rows}) if kind == "classification" else None
         routed = [routes[i] for i in rows]
         entry = {
             "kind": kind,
             "n": len(rows),
-            "systems": systems,
+            "systems": _system_scores(cases, plan, texts, rows, label_set),
             "abstain_rate": sum(r is None for r in routed) / len(rows),
             "examples": _examples(cases, rows[:3], plan, texts),
         }
@@ -548,12 +601,87 @@ def _score(
             general[task] = entry
         else:
             entry["router_accuracy"] = sum(r == task for r in routed) / len(rows)
+            if any(cases[i].template is not None for i in rows):
+                entry["templates"] = _template_scores(cases, routes, plan, texts, rows, label_set)
             tasks[task] = entry
+    chosen_cases, chosen_routes = [cases[i] for i in selected], [routes[i] for i in selected]
     return {
         "tasks": tasks,
         "general": general,
         "summary": _summary(tasks, general),
-        "router": _router_report(cases, routes, labels),
+        "router": _router_report(chosen_cases, chosen_routes, labels),
+    }
+
+
+def _system_scores(
+    cases: list[_Case], plan: _Plan, texts: list[str], rows: list[int], label_set: list[str] | None
+) -> dict[str, Any]:
+    """Every system's metrics on ``rows`` (systems that skipped any of the rows are left out)."""
+    references = [cases[i].reference for i in rows]
+    systems = {}
+    for system, request_ids in plan.systems.items():
+        ids = [request_ids[i] for i in rows]
+        if any(r < 0 for r in ids):
+            continue
+        extras = [cases[i].extra for i in rows]
+        systems[system] = score_task(
+            cases[rows[0]].kind, [texts[r] for r in ids], references, label_set, extras
+        )
+    return systems
+
+
+def _template_scores(
+    cases: list[_Case],
+    routes: list[str | None],
+    plan: _Plan,
+    texts: list[str],
+    rows: list[int],
+    label_set: list[str] | None,
+) -> dict[str, Any]:
+    """Per template index (as a string key, as in JSON): n, the template, each system's headline score,
+    router accuracy and abstain rate over the task's rows rendered with that template."""
+    groups: dict[int, list[int]] = {}
+    for i in rows:
+        if cases[i].template is not None:
+            groups.setdefault(cases[i].template, []).append(i)
+    result = {}
+    for index in sorted(groups):
+        members = groups[index]
+        routed = [routes[i] for i in members]
+        metrics = _system_scores(cases, plan, texts, members, label_set)
+        result[str(index)] = {
+            "template": cases[members[0]].template_text,
+            "n": len(members),
+            "scores": {system: m["score"] for system, m in metrics.items()},
+            "router_accuracy": sum(r == cases[members[0]].task for r in routed) / len(members),
+            "abstain_rate": sum(r is None for r in routed) / len(members),
+        }
+    return result
+
+
+def _ood_report(cases: list[_Case], routes: list[str | None], rows: list[int]) -> dict[str, Any]:
+    """Out-of-distribution prompts: the share the router sent to the base model, overall and per category."""
+    by_category: dict[str, list[int]] = {}
+    for i in rows:
+        by_category.setdefault(cases[i].task, []).append(i)
+    routed_to: dict[str, int] = {}
+    for i in rows:
+        if routes[i] is not None:
+            routed_to[routes[i]] = routed_to.get(routes[i], 0) + 1  # type: ignore[index]
+    return {
+        "n": len(rows),
+        "to_base_rate": sum(routes[i] is None for i in rows) / len(rows),
+        "by_category": {
+            category: {
+                "n": len(members),
+                "to_base_rate": sum(routes[i] is None for i in members) / len(members),
+            }
+            for category, members in sorted(by_category.items())
+        },
+        "routed_to": dict(sorted(routed_to.items())),
+        "examples_routed": [
+            {"prompt": cases[i].prompt, "routed_to": routes[i]} for i in rows if routes[i] is not None
+        ][:5],
     }
 
 
@@ -761,9 +889,94 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _score_table(section: dict[str, Any], abstain_header: str = "abstain") -> list[str]:
+    """The per-task table of one section (test split or unseen wordings) with its mean row."""
+    systems = sorted({s for t in section["tasks"].values() for s in t["systems"]}, key=_system_rank)
+    lines = [
+        "| task | kind | n | " + " | ".join(systems) + f" | moe/oracle | router acc | {abstain_header} |",
+        "|---" * (len(systems) + 6) + "|",
+    ]
+    summary = section["summary"]
+    for name, t in section["tasks"].items():
+        cells = [_fmt(t["systems"].get(s, {}).get("score")) for s in systems]
+        lines.append(
+            f"| {name} | {t['kind']} | {t['n']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(summary['moe_vs_oracle'].get(name))} | {_fmt(t.get('router_accuracy'))} "
+            f"| {_fmt(t['abstain_rate'])} |"
+        )
+    lines.append(
+        "| **mean** | | | "
+        + " | ".join(_fmt(summary["mean_score"].get(s)) for s in systems)
+        + f" | {_fmt(summary['moe_vs_oracle_mean'])} | {_fmt(section['router']['accuracy'])} "
+        f"| {_fmt(section['router']['abstain_rate'])} |"
+    )
+    return lines
+
+
+def _robustness_lines(report: dict[str, Any]) -> list[str]:
+    """eval.md section: test rows worded with instructions no training row uses, and OOD prompts."""
+    unseen, ood = report.get("unseen"), report.get("ood")
+    lines = []
+    if unseen and unseen["tasks"]:
+        router = unseen["router"]
+        lines += [
+            "",
+            "## Unseen wordings (robustness)",
+            "",
+            "Each task's `unseen_test_file`: test rows worded with instructions that no training row uses. "
+            "→ base: share the router sent to the base model.",
+            "",
+            *_score_table(unseen, "→ base"),
+            "",
+            f"Routing accuracy {_fmt(router['accuracy'])}, routed = {_fmt(unseen['summary']['moe_vs_oracle_mean'])}"
+            f" of oracle, → base {_fmt(router['abstain_rate'])}, wrong routes among accepted "
+            f"{_fmt(router['wrong_route_rate'])} (in-template test split: routing "
+            f"{_fmt(report['router']['accuracy'])}, routed = {_fmt(report['summary']['moe_vs_oracle_mean'])} "
+            "of oracle).",
+        ]
+    if ood:
+        categories = ", ".join(
+            f"{name} {_fmt(c['to_base_rate'])} (n={c['n']})" for name, c in ood["by_category"].items()
+        )
+        lines += [
+            "",
+            f"Out-of-distribution prompts (mixture `ood_test_file`) sent to the base model: "
+            f"{_fmt(ood['to_base_rate'])} of {ood['n']} ({categories}).",
+        ]
+    return lines
+
+
+def _template_lines(report: dict[str, Any]) -> list[str]:
+    """eval.md section: per-template scores of templated tasks (test rows grouped by their drawn template)."""
+    templated = {name: t["templates"] for name, t in report["tasks"].items() if t.get("templates")}
+    if not templated:
+        return []
+    systems = sorted(
+        {s for groups in templated.values() for g in groups.values() for s in g["scores"]}, key=_system_rank
+    )
+    lines = [
+        "",
+        "## Per-template scores (test split, each row in the wording drawn for it)",
+        "",
+        "| task | # | template | n | " + " | ".join(systems) + " | router acc | abstain |",
+        "|---" * (len(systems) + 6) + "|",
+    ]
+    for name, groups in templated.items():
+        for index, g in groups.items():
+            text = (g.get("template") or "").replace("\n", "⏎").replace("|", "\\|")
+            text = text if len(text) <= 60 else text[:57] + "…"
+            lines.append(
+                f"| {name} | {index} | `{text}` | {g['n']} | "
+                + " | ".join(_fmt(g["scores"].get(s)) for s in systems)
+                + f" | {_fmt(g['router_accuracy'])} | {_fmt(g['abstain_rate'])} |"
+            )
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """eval.md: per-task table, summary, router confusion matrix, error analysis, general set."""
-    systems = sorted({s for t in report["tasks"].values() for s in t["systems"]}, key=_system_rank)
+    """eval.md: per-task table, unseen wordings, per-template scores, general set, router confusion
+    matrix, error analysis."""
     lines = [
         f"# Eval of {report.get('run_dir', '')}",
         "",
@@ -775,25 +988,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("experts_from_registry"):
         used = ", ".join(f"{task} → `{ref}`" for task, ref in sorted(report["experts_from_registry"].items()))
         lines += [f"Experts from the registry (oracle and moe): {used}; the others from the run dir.", ""]
-    lines += [
-        "| task | kind | n | " + " | ".join(systems) + " | moe/oracle | router acc | abstain |",
-        "|---" * (len(systems) + 6) + "|",
-    ]
+    lines += _score_table(report)
+    lines += _robustness_lines(report)
+    lines += _template_lines(report)
     summary = report["summary"]
-    for name, t in report["tasks"].items():
-        cells = [_fmt(t["systems"].get(s, {}).get("score")) for s in systems]
-        lines.append(
-            f"| {name} | {t['kind']} | {t['n']} | "
-            + " | ".join(cells)
-            + f" | {_fmt(summary['moe_vs_oracle'].get(name))} | {_fmt(t.get('router_accuracy'))} "
-            f"| {_fmt(t['abstain_rate'])} |"
-        )
-    lines.append(
-        "| **mean** | | | "
-        + " | ".join(_fmt(summary["mean_score"].get(s)) for s in systems)
-        + f" | {_fmt(summary['moe_vs_oracle_mean'])} | {_fmt(report['router']['accuracy'])} "
-        f"| {_fmt(report['router']['abstain_rate'])} |"
-    )
     if report["general"]:
         lines += [
             "",
@@ -856,7 +1054,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """eval.json + eval.md + eval_scores.png + eval_confusion.png in `out_dir` (atomic JSON write)."""
+    """eval.json + eval.md + eval_scores.png + eval_confusion.png (+ eval_unseen_scores.png) in `out_dir`
+    (atomic JSON write)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -865,8 +1064,32 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return {"json": out_dir / "eval.json", "md": out_dir / "eval.md", **plot_reports(report, out_dir)}
 
 
+def _plot_scores(tasks: dict[str, Any], title: str, path: Path) -> bool:
+    """Grouped bars, one per system, for each task; False (nothing written) without scores."""
+    import matplotlib.pyplot as plt
+
+    systems = sorted({s for t in tasks.values() for s in t["systems"]}, key=_system_rank)
+    if not tasks or not systems:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    width = 0.8 / len(systems)
+    for k, system in enumerate(systems):
+        values = [tasks[t]["systems"].get(system, {}).get("score", 0.0) for t in tasks]
+        ax.bar([i + k * width for i in range(len(tasks))], values, width, label=system)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], list(tasks), rotation=20)
+    ax.set_ylabel("headline score")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Per-task grouped bars (one bar per system) and the router confusion matrix, as PNG."""
+    """Per-task grouped bars (one bar per system; also for unseen wordings) and the router confusion
+    matrix, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -874,22 +1097,12 @@ def plot_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
     paths = {}
     tasks = {**report["tasks"], **report["general"]}
-    systems = sorted({s for t in tasks.values() for s in t["systems"]}, key=_system_rank)
-    if tasks and systems:
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
-        width = 0.8 / len(systems)
-        for k, system in enumerate(systems):
-            values = [tasks[t]["systems"].get(system, {}).get("score", 0.0) for t in tasks]
-            ax.bar([i + k * width for i in range(len(tasks))], values, width, label=system)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], list(tasks), rotation=20)
-        ax.set_ylabel("headline score")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("per-task score by system")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+    if _plot_scores(tasks, "per-task score by system", out_dir / "eval_scores.png"):
         paths["scores_png"] = out_dir / "eval_scores.png"
-        fig.savefig(paths["scores_png"], dpi=120)
-        plt.close(fig)
+    unseen = report.get("unseen") or {}
+    target = out_dir / "eval_unseen_scores.png"
+    if unseen.get("tasks") and _plot_scores(unseen["tasks"], "per-task score, unseen wordings", target):
+        paths["unseen_scores_png"] = target
     router = report["router"]
     if router["rows"]:
         fig, ax = plt.subplots(figsize=(1.2 * len(router["columns"]) + 2, 0.8 * len(router["rows"]) + 1.5))
@@ -944,7 +1157,33 @@ def compare_markdown(a: dict[str, Any], b: dict[str, Any], names: Sequence[str] 
         x, y = a["router"].get(key), b["router"].get(key)
         delta = y - x if x is not None and y is not None else None
         lines.append(f"| (router) | {label} | {_fmt(x)} | {_fmt(y)} | {_fmt(delta)} |")
+    lines += _compare_robustness(a, b)
     return "\n".join(lines) + "\n"
+
+
+def _compare_robustness(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """compare_markdown rows for unseen wordings and OOD prompts (when either eval has them)."""
+
+    def pick(report: dict[str, Any], path: tuple[str, ...]) -> float | None:
+        node: Any = report
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    rows = (
+        ("router accuracy", ("unseen", "router", "accuracy")),
+        ("→ base rate", ("unseen", "router", "abstain_rate")),
+        ("moe/oracle", ("unseen", "summary", "moe_vs_oracle_mean")),
+        ("OOD → base rate", ("ood", "to_base_rate")),
+    )
+    lines = []
+    for label, path in rows:
+        x, y = pick(a, path), pick(b, path)
+        if x is None and y is None:
+            continue
+        delta = y - x if x is not None and y is not None else None
+        lines.append(f"| (unseen wordings) | {label} | {_fmt(x)} | {_fmt(y)} | {_fmt(delta)} |")
+    return lines
 
 
 if __name__ == "__main__":

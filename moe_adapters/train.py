@@ -35,8 +35,18 @@ import torch.nn.functional as F
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig, load_mixture, mixture_yaml
-from moe_adapters.data import IGNORE_INDEX, BucketBatcher, Example, MixtureData, collate, load_mixture_data
+from moe_adapters.data import (
+    IGNORE_INDEX,
+    BucketBatcher,
+    Example,
+    MixtureData,
+    Row,
+    TaskData,
+    collate,
+    load_mixture_data,
+)
 from moe_adapters.sampling import TaskSampler, temperature_probabilities
+from moe_adapters.templates import render_all
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -708,13 +718,26 @@ def train_router_for_run(trainer: Trainer, out_dir: Path, base_path: str) -> dic
         warnings.warn("moe_adapters.router is not available: run saved without a router", stacklevel=2)
         return {"skipped": "moe_adapters.router not available"}
     tasks = [t.name for t in trainer.config.expert_tasks]
-    train = {t: [r.prompt for r in trainer.data.tasks[t].train] for t in tasks}
-    val = {t: [r.prompt for r in trainer.data.tasks[t].val] for t in tasks}
+    train = {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].train) for t in tasks}
+    val = {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].val) for t in tasks}
     # Replay prompts are general requests: good out-of-scope examples that should go to the base model.
     negatives = [r.prompt for t in trainer.config.replay_tasks for r in trainer.data.tasks[t.name].train]
     return train_router(
         train, val, out_dir / "router", trainer.config.router, base_model=base_path, negatives=negatives
     )
+
+
+def router_prompts(task: TaskData, rows: list[Row]) -> list[str]:
+    """The prompts the router learns a task from: every template's wording of each row of a templated
+    task (so it learns the task, not the one wording a row was drawn with), else each row's prompt.
+
+    ``router.max_train_per_task`` still caps what the router encodes (a deterministic subsample)."""
+    templates = task.config.templates or []
+    return [
+        prompt
+        for row in rows
+        for prompt in (render_all(templates, row.template.input) if row.template else [row.prompt])
+    ]
 
 
 def _git_commit() -> str | None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(EXAMPLES))
 import make_dataset  # noqa: E402
 
 MIXTURES = [EXAMPLES / "mixture.yaml", EXAMPLES / "hard" / "mixture.yaml"]
+TEMPLATED = EXAMPLES / "hard" / "mixture_templates.yaml"
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -71,6 +72,75 @@ def test_mixture_loads_and_tasks_are_sized_and_disjoint(mixture: Path) -> None:
         assert len({r["prompt"] for r in rows}) == len(rows), f"{task.name}: duplicate prompts"
 
 
+def _wording_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching any prompt worded with ``template`` (``{input}`` = anything)."""
+    return re.compile("(.+)".join(re.escape(part) for part in template.split("{input}")), re.DOTALL)
+
+
+@pytest.mark.parametrize("mixture", [*MIXTURES, TEMPLATED], ids=["easy", "hard", "hard-templates"])
+def test_unseen_wordings_are_held_out_from_training(mixture: Path) -> None:
+    """Every unseen row is worded with a held-out instruction that no training wording (shipped or
+    template) produces, around an input that no training row of the mixture uses."""
+    config = load(mixture)
+    training_prompts: set[str] = set()
+    for task in config.expert_tasks:
+        for row in (r for f in task.files for r in read_rows(f)):
+            training_prompts.add(row["prompt"])  # for the templated mixture: the raw input
+    haystack = "\n\n".join(training_prompts)
+    for task in config.expert_tasks:
+        assert task.unseen_test_file is not None, task.name
+        rows = read_rows(task.unseen_test_file)
+        assert len(rows) == make_dataset.UNSEEN_ROWS_PER_TASK and len({r["prompt"] for r in rows}) == len(
+            rows
+        )
+        trained = [
+            _wording_pattern(t)
+            for t in make_dataset.training_templates(task.name, extra=True)
+            if t != "{input}"
+        ]
+        held_out = [_wording_pattern(t) for t in make_dataset.UNSEEN_WORDINGS[task.name]]
+        for row in rows:
+            prompt = row["prompt"]
+            assert prompt not in training_prompts
+            assert not [p.pattern for p in trained if p.fullmatch(prompt)], prompt
+            fresh = [m.group(1) for p in held_out if (m := p.fullmatch(prompt))]
+            assert fresh, f"{prompt!r} is not worded with an unseen instruction"
+            assert all(text not in haystack for text in fresh), f"input of {prompt!r} is used in training"
+
+
+@pytest.mark.parametrize("mixture", [*MIXTURES, TEMPLATED], ids=["easy", "hard", "hard-templates"])
+def test_mixture_data_loads_with_unseen_rows(mixture: Path) -> None:
+    """Every row renders within train.max_length and the unseen files load with the task's columns."""
+    from transformers import AutoTokenizer
+
+    from moe_adapters.base_model import resolve_base_model
+    from moe_adapters.data import load_mixture_data
+
+    config = load(mixture)
+    data = load_mixture_data(config, AutoTokenizer.from_pretrained(resolve_base_model()))
+    for task in config.expert_tasks:
+        assert len(data.tasks[task.name].unseen) == make_dataset.UNSEEN_ROWS_PER_TASK
+        used = {r.template.index for r in data.tasks[task.name].train if r.template is not None}
+        assert used == (set(range(len(task.templates))) if task.templates else set()), task.name
+
+
+def test_templated_hard_mixture_renders_raw_inputs_with_its_templates() -> None:
+    config = load(TEMPLATED)
+    hard = load(MIXTURES[1])
+    assert [t.name for t in config.expert_tasks] == [t.name for t in hard.expert_tasks]
+    for task in config.expert_tasks:
+        assert task.templates == make_dataset.training_templates(task.name, extra=True)
+        assert len(task.templates) >= 10
+        shipped = {
+            r["prompt"]: r["response"] for r in read_rows(EXAMPLES / "hard" / "data" / f"{task.name}.jsonl")
+        }
+        raw = read_rows(task.files[0])
+        assert len({r["prompt"] for r in raw}) == len(raw) >= 250
+        for row in raw[:50]:  # the same inputs and answers as the shipped hard set, worded by templates
+            worded = [t.replace("{input}", row["prompt"]) for t in task.templates]
+            assert any(shipped.get(w) == row["response"] for w in worded), row
+
+
 def test_at_least_one_task_uses_csv() -> None:
     assert any(f.suffix == ".csv" for t in load(MIXTURES[0]).tasks for f in t.files)
 
@@ -115,9 +185,10 @@ def _check_date(prompt: str, response: str) -> None:
     ],
 )
 def test_responses_are_correct_for_their_prompts(rel: str, check) -> None:
-    for row in read_rows(EXAMPLES / rel):
-        result = check(row["prompt"], row["response"])
-        assert result is None or result, row
+    for variant in (rel, rel.replace("data/", "data/unseen/").replace(".csv", ".jsonl")):
+        for row in read_rows(EXAMPLES / variant):
+            result = check(row["prompt"], row["response"])
+            assert result is None or result, (variant, row)
 
 
 def test_labels_are_balanced() -> None:

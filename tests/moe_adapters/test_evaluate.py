@@ -214,6 +214,116 @@ def test_real_task_kinds_scored_with_row_extras_and_fallback_noted() -> None:
     assert "- mbpp (code): headline is rougeL, not pass_at_1: 1 of 2 test rows" in render_markdown(report)
 
 
+def _robustness_cases() -> list[_Case]:
+    """Test rows in two templates, unseen-wording rows, a replay row and out-of-distribution prompts."""
+    return [
+        _Case(
+            "tone", "classification", "A: good", [], "positive", False, template=0, template_text="A: {input}"
+        ),
+        _Case(
+            "tone", "classification", "A: bad", [], "negative", False, template=0, template_text="A: {input}"
+        ),
+        _Case(
+            "tone", "classification", "bad? B", [], "negative", False, template=1, template_text="{input}? B"
+        ),
+        _Case("math", "math", "1+1?", [], "2", False),
+        _Case("general", "generation", "hi", [], "hello", True),
+        _Case("tone", "classification", "vibes: good", [], "positive", False, split="unseen"),
+        _Case("tone", "classification", "vibes: bad", [], "negative", False, split="unseen"),
+        _Case("math", "math", "calc 2+2", [], "4", False, split="unseen"),
+        _Case("math", "math", "calc 3+3", [], "6", False, split="unseen"),
+        _Case("chitchat", "generation", "yo!", [], "", True, split="ood"),
+        _Case("chitchat", "generation", "sup", [], "", True, split="ood"),
+        _Case("foreign", "generation", "hola", [], "", True, split="ood"),
+    ]
+
+
+def test_unseen_wordings_per_template_and_ood_reports() -> None:
+    cases = _robustness_cases()
+    #         test: tone×3, math, general | unseen: tone×2, math×2    | ood ×3
+    routes = ["tone", "tone", None, "math", None, "tone", "math", None, "math", None, "tone", None]
+    experts = {"math": Path("m"), "tone": Path("t")}
+    plan = _plan(cases, routes, experts, None, EvalSettings(systems=("base", "oracle", "moe")))
+    assert all(plan.systems[s][i] == -1 for s in plan.systems for i in (9, 10, 11))  # OOD: routed only
+    answers = {"tone": {0: "positive", 1: "negative", 2: "negative", 5: "positive", 6: "negative"}}
+    answers["math"] = {3: "2", 7: "4", 8: "6", 6: "9"}  # row 6 (a tone prompt) misrouted to math
+    texts = [answers.get(a or "", {}).get(i, "?") for a, i in plan.requests]
+    report = _score(cases, routes, plan, texts, ["math", "tone"])
+    # The test-split report only holds test rows (backward compatible keys).
+    assert report["tasks"]["tone"]["n"] == 3 and report["tasks"]["math"]["n"] == 1
+    assert report["router"]["accuracy"] == pytest.approx(3 / 4)
+    templates = report["tasks"]["tone"]["templates"]
+    assert set(templates) == {"0", "1"} and "templates" not in report["tasks"]["math"]
+    assert templates["0"] == {
+        "template": "A: {input}",
+        "n": 2,
+        "scores": {"base": 0.0, "oracle": 1.0, "moe": 1.0},
+        "router_accuracy": 1.0,
+        "abstain_rate": 0.0,
+    }
+    assert templates["1"]["abstain_rate"] == 1.0 and templates["1"]["scores"]["moe"] == 0.0
+    unseen = report["unseen"]
+    assert unseen["tasks"]["tone"]["n"] == 2 and unseen["tasks"]["math"]["n"] == 2
+    assert (
+        unseen["tasks"]["tone"]["router_accuracy"] == 0.5 and unseen["tasks"]["math"]["abstain_rate"] == 0.5
+    )
+    assert unseen["router"]["accuracy"] == pytest.approx(2 / 4)
+    assert unseen["router"]["abstain_rate"] == pytest.approx(1 / 4)
+    assert unseen["router"]["wrong_route_rate"] == pytest.approx(1 / 3)
+    tone = {s: m["score"] for s, m in unseen["tasks"]["tone"]["systems"].items()}
+    assert tone == {"base": 0.0, "oracle": 1.0, "moe": 0.5}
+    assert unseen["summary"]["moe_vs_oracle"] == {"tone": 0.5, "math": 0.5}
+    assert unseen["summary"]["moe_vs_oracle_mean"] == pytest.approx(0.5)
+    assert unseen["general"] == {}
+    ood = report["ood"]
+    assert ood["n"] == 3 and ood["to_base_rate"] == pytest.approx(2 / 3)
+    assert ood["by_category"] == {
+        "chitchat": {"n": 2, "to_base_rate": 0.5},
+        "foreign": {"n": 1, "to_base_rate": 1.0},
+    }
+    assert ood["routed_to"] == {"tone": 1} and ood["examples_routed"] == [
+        {"prompt": "sup", "routed_to": "tone"}
+    ]
+
+
+def test_robustness_sections_in_markdown_plots_compare_and_cli(tmp_path: Path) -> None:
+    cases = _robustness_cases()
+    routes = ["tone", "tone", None, "math", None, "tone", "math", None, "math", None, "tone", None]
+    plan = _plan(
+        cases,
+        routes,
+        {"math": Path("m"), "tone": Path("t")},
+        None,
+        EvalSettings(systems=("base", "oracle", "moe")),
+    )
+    report = _score(cases, routes, plan, ["positive"] * len(plan.requests), ["math", "tone"])
+    paths = write_reports(report, tmp_path / "a")
+    assert paths["unseen_scores_png"].is_file()
+    markdown = (tmp_path / "a" / "eval.md").read_text()
+    assert (
+        "## Unseen wordings (robustness)" in markdown and "| moe/oracle | router acc | → base |" in markdown
+    )
+    assert "| tone | classification | 2 |" in markdown  # the unseen table (the test table has n=3)
+    assert "Routing accuracy 0.500, routed = " in markdown
+    assert "sent to the base model: 0.667 of 3 (chitchat 0.500 (n=2), foreign 1.000 (n=1))" in markdown
+    assert "## Per-template scores" in markdown and "| tone | 1 | `{input}? B` | 1 |" in markdown
+    other = json.loads(json.dumps(report))
+    other["unseen"]["router"]["accuracy"] = 1.0
+    table = compare_markdown(report, other)
+    assert "| (unseen wordings) | router accuracy | 0.500 | 1.000 | 0.500 |" in table
+    old = {k: v for k, v in report.items() if k not in ("unseen", "ood")}  # an eval.json from before
+    assert "Unseen wordings" not in render_markdown(old) and "(unseen wordings)" not in compare_markdown(
+        old, old
+    )
+    from moe_adapters.eval_cli import _robustness_summary
+
+    assert (
+        _robustness_summary(report)
+        == "; unseen wordings: routing 50.0%, routed = 100.0% of oracle; OOD prompts → base 66.7%"
+    )
+    assert _robustness_summary(old) == ""
+
+
 def test_eval_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="run.json not found"):
         evaluate_run(tmp_path)
