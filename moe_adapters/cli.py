@@ -63,7 +63,13 @@ def base_prepare(base_spec: str | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Run dir to write (experts/, router/, metrics.json, …).",
 )
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out after a crash.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the checkpoint in --out after a crash. Without one (new or empty --out) training "
+    "starts from step 0 and says so, so job scripts can always pass it; a finished run (run.json) is "
+    "refused, never retrained.",
+)
 @click.option(
     "--single-adapter",
     is_flag=True,

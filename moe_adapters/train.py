@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -45,11 +44,18 @@ from moe_adapters.data import (
     collate,
     load_mixture_data,
 )
+from moe_adapters.run_dir import (
+    CHECKPOINT_NAME,
+    RUN_MARKER,
+    RunDirState,
+    fsync_tree,
+    run_dir_state,
+    write_json_atomic,
+)
 from moe_adapters.sampling import TaskSampler, temperature_probabilities
 from moe_adapters.templates import render_all
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 MULTITASK_NAME = "multitask"
 _ADAPTER_PREFIX = "expert_"  # PEFT warns about adapter names that are substrings of "lora_"
 _SYSFS_CPU = Path("/sys/devices/system/cpu")
@@ -135,20 +141,18 @@ def train_mixture(
 ) -> Path:
     """Train all experts of ``mixture_path`` into run dir ``out_dir`` (see README "Module contracts") and return it.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (a fresh start if there is none);
+    ``resume=True`` continues from ``out_dir/checkpoint.pt``; without a checkpoint it starts from step 0
+    (one line on stderr) and on a finished run it refuses (see :func:`check_out_dir`);
     ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router) for the
     steps its ``budget`` allows (:func:`single_adapter_max_steps`);
     ``overrides`` are dotted mixture keys, e.g. ``{"train.max_steps": 20}``.
     """
     wall_start = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().resolve()
+    state = check_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
     budget_record = apply_budget(config, single_adapter, budget)
-    out_dir = Path(out_dir).expanduser().resolve()
     checkpoint = out_dir / CHECKPOINT_NAME
-    if not resume and (checkpoint.exists() or (out_dir / "run.json").exists()):
-        raise TrainError(
-            f"{out_dir} already holds a run: pass resume=True (--resume) or choose a new out dir"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
     tokenizer = _load_tokenizer(base_path)
@@ -160,7 +164,7 @@ def train_mixture(
     )
     mixture_text = mixture_yaml(config, probabilities)
     mixture_sha = hashlib.sha256(mixture_text.encode() + str(single_adapter).encode()).hexdigest()
-    saved = read_checkpoint(checkpoint, mixture_sha) if resume and checkpoint.exists() else None
+    saved = read_checkpoint(checkpoint, mixture_sha) if state == "resumable" else None
     (out_dir / "mixture.yaml").write_text(mixture_text)
     torch.set_num_threads(choose_num_threads(config.train.num_threads))
     if progress:
@@ -171,8 +175,6 @@ def train_mixture(
     trainer.budget = budget_record
     if saved is not None:
         load_checkpoint(trainer, saved)
-    elif resume:
-        warnings.warn(f"resume=True but {checkpoint} does not exist: starting from step 0", stacklevel=2)
     run_training(trainer, out_dir, mixture_sha, progress=progress)
     finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
     checkpoint.unlink(missing_ok=True)
@@ -221,6 +223,30 @@ def report_long_rows(data: MixtureData, policy: str) -> None:
                 f"task {name}: rows over train.max_length: {what} (train.long_rows: {policy})",
                 file=sys.stderr,
             )
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
+    """Refuse what would lose or silently redo work, before anything is loaded; return the state.
+
+    A finished run is never trained over (with or without ``resume``: retraining it from step 0 would
+    overwrite it); a checkpoint is only continued with ``resume``. ``resume`` without a checkpoint starts
+    fresh, like PyTorch Lightning's ``ckpt_path="last"``, so a job script can always pass ``--resume``.
+    """
+    state = run_dir_state(out_dir)
+    if state == "finished":
+        action = "--resume has nothing to continue" if resume else "training again would overwrite it"
+        raise TrainError(
+            f"{out_dir} already holds a finished run ({RUN_MARKER}): {action}; "
+            "train into a new --out (nothing was changed)"
+        )
+    if state == "resumable" and not resume:
+        raise TrainError(
+            f"{out_dir} already holds a run stopped at a checkpoint ({CHECKPOINT_NAME}): "
+            "pass resume=True (--resume) to continue it, or choose a new out dir"
+        )
+    if resume and state != "resumable":
+        print(f"resume: no {CHECKPOINT_NAME} in {out_dir}: starting from step 0", file=sys.stderr)
+    return state
 
 
 def _load_tokenizer(base_path: str) -> Any:
@@ -651,7 +677,8 @@ def throughput(trainer: Trainer) -> dict[str, float]:
 def finalize_run(
     trainer: Trainer, out_dir: Path, base_path: str, mixture_sha: str, single_adapter: bool, wall_s: float
 ) -> None:
-    """Write experts/, router/, metrics.json, train_curves.png and (last, as completion marker) run.json."""
+    """Write experts/, router/, metrics.json, train_curves.png and (last, atomically, as the completion
+    marker) run.json."""
     from moe_adapters.plots import plot_training_curves
 
     for name, expert in trainer.experts.items():
@@ -682,7 +709,7 @@ def finalize_run(
         router_start = time.perf_counter()
         metrics["router"] = train_router_for_run(trainer, out_dir, base_path)
         metrics["train"]["router_wall_s"] = time.perf_counter() - router_start
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out_dir / "metrics.json", metrics)
     plot_training_curves(
         {n: e.train_curve for n, e in trainer.experts.items()},
         {n: e.val_curve for n, e in trainer.experts.items()},
@@ -705,7 +732,10 @@ def finalize_run(
             for t in trainer.config.expert_tasks
         },
     }
-    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    # run.json is the completion marker (run_dir_state): everything it vouches for reaches the disk first,
+    # and it appears whole or not at all.
+    fsync_tree(out_dir)
+    write_json_atomic(out_dir / RUN_MARKER, run)
 
 
 def train_router_for_run(trainer: Trainer, out_dir: Path, base_path: str) -> dict[str, Any]:

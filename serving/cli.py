@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ import click
 from moe_adapters.errors import user_facing_errors
 
 from .engine import EngineError, EngineSettings
+from .lora_slots import lora_needs, size_lora_flags
+
+log = logging.getLogger("moea.serving")
 
 
 class ServeError(EngineError):
@@ -32,6 +36,14 @@ def _registered_base(registry: Any) -> tuple[str | None, str | None]:
         raise ServeError(f"registered experts use different base models ({listed}): serve them with separate "
                          "`moea serve --base-model ...` processes, or archive the odd ones")  # fmt: skip
     return next(iter(bases), (None, None))
+
+
+def served_at_start(registry: Any, base_lora_guard: bool) -> dict[str, str]:
+    """Adapters (vLLM name → folder) the gateway will load at start, as it computes them."""
+    from .gateway import load_state, with_base_lora
+
+    required = load_state(registry).required
+    return with_base_lora(required) if base_lora_guard else required
 
 
 def _served_name(base_spec: str | None, resolved: str, registered_name: str | None) -> str:
@@ -82,10 +94,26 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
     help="Key clients must send as `Authorization: Bearer KEY` (repeatable; also MOEA_API_KEYS=k1,k2).",
 )
 @click.option(
-    "--max-loras", default=4, show_default=True, type=int, help="vLLM --max-loras (adapters per batch)."
+    "--max-loras",
+    default=None,
+    type=click.IntRange(min=1),
+    help="vLLM --max-loras (adapters per batch). Default: the adapters the registry serves at start (serving "
+    "versions, experiment arms and shadows, and base@0 with the base-LoRA guard); a smaller value is refused.",
 )
-@click.option("--max-cpu-loras", default=None, type=int, help="vLLM --max-cpu-loras (adapters kept loaded).")
-@click.option("--max-lora-rank", default=8, show_default=True, type=int, help="vLLM --max-lora-rank.")
+@click.option(
+    "--max-cpu-loras",
+    default=None,
+    type=click.IntRange(min=1),
+    help="vLLM --max-cpu-loras (adapters kept in host memory). Default: --max-loras + 2, room for pinned "
+    "versions; a value below the adapters served at start is refused.",
+)
+@click.option(
+    "--max-lora-rank",
+    default=None,
+    type=click.IntRange(min=1),
+    help="vLLM --max-lora-rank. Default: the largest r in the served adapters' adapter_config.json, rounded "
+    "up to a rank vLLM accepts (1, 8, 16, 32, 64, ...); a smaller value is refused.",
+)
 @click.option("--dtype", default="bfloat16", show_default=True, help="vLLM --dtype.")
 @click.option(
     "--kv-cache-gib", default=2, show_default=True, type=int, help="VLLM_CPU_KVCACHE_SPACE (CPU engine)."
@@ -127,7 +155,8 @@ def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
     default=True,
     show_default=True,
     help="While experts are loaded, serve the base model through an all-zero identity LoRA (base@0), which "
-    "keeps base answers right on engines without moea's CPU kernel. Uses one LoRA slot.",
+    "keeps base answers right on engines without moea's CPU kernel. Uses one LoRA slot (counted when "
+    "the LoRA flags are sized).",
 )
 @click.option(
     "--log-level",
@@ -152,9 +181,9 @@ def run_server(
     engine_urls: tuple[str, ...],
     engine_api_key: str | None,
     api_keys: tuple[str, ...],
-    max_loras: int,
+    max_loras: int | None,
     max_cpu_loras: int | None,
-    max_lora_rank: int,
+    max_lora_rank: int | None,
     dtype: str,
     kv_cache_gib: int,
     cpu_threads_bind: str | None,
@@ -186,6 +215,10 @@ def run_server(
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     registry = Registry(registry_url)
     registered_base, registered_name = _registered_base(registry)
+    # Before vLLM starts: a refusal costs nothing, a too-small engine would only show under load.
+    flags = size_lora_flags(lora_needs(served_at_start(registry, base_lora_guard)), max_loras=max_loras,
+                            max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank)  # fmt: skip
+    log.info("LoRA slots: --max-loras %d --max-cpu-loras %d --max-lora-rank %d", *astuple(flags))
     settings = None
     if not engine_urls:
         from moe_adapters.base_model import resolve_base_model
@@ -195,8 +228,8 @@ def run_server(
         settings = EngineSettings(
             model=resolved,
             served_name=served_model_name or _served_name(spec, resolved, registered_name),
-            max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras, dtype=dtype,
-            kv_cache_gib=kv_cache_gib, cpu_threads_bind=cpu_threads_bind, api_key=engine_api_key,
+            max_lora_rank=flags.max_lora_rank, max_loras=flags.max_loras, max_cpu_loras=flags.max_cpu_loras,
+            dtype=dtype, kv_cache_gib=kv_cache_gib, cpu_threads_bind=cpu_threads_bind, api_key=engine_api_key,
             extra_args=engine_args, startup_timeout_s=startup_timeout, log_path=engine_log,
             cpu_lora_kernel=cpu_lora_kernel,
         )  # fmt: skip
@@ -214,7 +247,7 @@ def run_server(
         client,
         settings=settings,
         urls=engine_urls,
-        capacity=max_cpu_loras or max_loras,
+        capacity=flags.max_cpu_loras,
         api_key=engine_api_key,
         metrics=metrics,
     )
@@ -226,9 +259,7 @@ def run_server(
     writer = RequestLogWriter(registry, metrics_registry=metrics.registry)
     gateway = Gateway(config, registry, pool, request_log=writer)
     if not config.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("moea.serving").warning(
-            "serving on %s without --api-key: anyone who reaches it can use it", host
-        )
+        log.warning("serving on %s without --api-key: anyone who reaches it can use it", host)
     uvicorn.run(
         create_app(gateway), host=host, port=port, log_level=log_level,
         loop="auto", http="auto", access_log=False, timeout_graceful_shutdown=10,

@@ -48,6 +48,7 @@ from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
 from . import ab
 from .engine import BASE_LORA_NAME, EngineError, EnginePool, EngineUnavailable, Lease, write_identity_lora
+from .lora_slots import LoraSlotError, growth_warning, lora_needs, shortfalls
 from .metrics import GatewayMetrics
 from .router_runtime import RouterRuntime
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
@@ -175,6 +176,17 @@ def load_state(registry: Any) -> ServingState:
             required += [versions[v] for v in arm_versions if v is not None and v in versions]
     paths = {view.ref: str(registry.artifact_path(view)) for view in required}
     return ServingState(token, experts, experiments, registry.latest_router(), paths)
+
+
+def with_base_lora(required: dict[str, str]) -> dict[str, str]:
+    """What the gateway loads at start for `required` with the base-LoRA guard on: plus the identity
+    adapter (only once anything is required). Its source adapter stands in for it: same config, same rank."""
+    return {**required, BASE_LORA_NAME: identity_source(required)} if required else dict(required)
+
+
+def identity_source(required: dict[str, str]) -> str:
+    """The registered adapter whose structure (adapter_config.json) the identity LoRA copies."""
+    return required[min(required)]
 
 
 @dataclass(frozen=True)
@@ -305,6 +317,7 @@ class Gateway:
         self._api_keys = frozenset(f"Bearer {key}" for key in config.api_keys)
         self._identity_dir: str | None = None
         self._identity_path: str | None = None
+        self._slot_warning: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -312,6 +325,7 @@ class Gateway:
         state = await asyncio.to_thread(load_state, self.registry)
         await self.router.swap(self.registry, state.router, state.experts.keys(), strict=True)
         self.pool.required = await self._with_identity(state.required)
+        await self._warn_if_slots_short(self.pool.required)
         try:
             await self.pool.start()
         except BaseException:
@@ -354,7 +368,9 @@ class Gateway:
         """Rebuild the state; load new adapters and router *before* publishing it."""
         async with self._refresh_lock:
             state = await asyncio.to_thread(load_state, self.registry)
-            await self.pool.set_required(await self._with_identity(state.required))
+            required = await self._with_identity(state.required)
+            await self._warn_if_slots_short(required)
+            await self.pool.set_required(required)
             await self.router.swap(self.registry, state.router, state.experts.keys(), strict=False)
             self.state = state
             self.metrics.state_refreshes.labels("ok").inc()
@@ -375,11 +391,31 @@ class Gateway:
             if not self.config.base_lora_guard or not required:
                 return dict(required)
             self._identity_dir = self._identity_dir or tempfile.mkdtemp(prefix="moea-base-lora-")
-            source = required[min(required)]
+            source = identity_source(required)
             path = await asyncio.to_thread(write_identity_lora, source, self._identity_dir)
             self._identity_path = str(path)
             log.info("base-LoRA guard: base requests use %s (zero weights, from %s)", BASE_LORA_NAME, source)
         return {**required, BASE_LORA_NAME: self._identity_path}
+
+    async def _warn_if_slots_short(self, required: dict[str, str]) -> None:
+        """Log once per change when the adapters to serve outgrow the running engines' LoRA flags
+        (`moea serve` sized them for the registry at start; experts registered since may not fit)."""
+        settings = self.pool.settings
+        try:
+            needs = await asyncio.to_thread(lora_needs, required)
+        except LoraSlotError as error:
+            message: str | None = str(error)
+        else:
+            short = shortfalls(
+                needs,
+                max_loras=settings.max_loras if settings else None,
+                max_cpu_loras=min(replica.capacity for replica in self.pool.replicas),
+                max_lora_rank=settings.max_lora_rank if settings and settings.enable_lora else None,
+            )
+            message = growth_warning(short, needs)
+        if message is not None and message != self._slot_warning:
+            log.warning("%s", message)
+        self._slot_warning = message
 
     def base_adapter(self) -> tuple[str | None, str | None]:
         """(vLLM adapter, path) for a base-model request: the identity LoRA while any expert adapter is

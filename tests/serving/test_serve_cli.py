@@ -60,7 +60,7 @@ def served(serving_assets: ServingAssets, tmp_path_factory: pytest.TempPathFacto
         registry.register_run(serving_assets.run1)
     port = free_port()
     log = home / "serve.log"
-    command = [sys.executable, "-m", "serving.cli", "--port", str(port), "--max-loras", "2", "--cpu-threads-bind",
+    command = [sys.executable, "-m", "serving.cli", "--port", str(port), "--max-loras", "3", "--cpu-threads-bind",
                "0-1", "--poll-interval", "0.2", "--engine-log", str(home / "vllm.log")]  # fmt: skip
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
