@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .lora_ranks import DEFAULT_RANK, adapter_rank, vllm_rank
 from .metrics import PRIMARY_METRIC, score_task
 from .prompting import PromptSpec, version_prompt_spec
 
@@ -58,7 +59,6 @@ TEST, UNSEEN, OOD = "test", "unseen", "ood"
 SYSTEM_ORDER = ("base", "oracle", "moe", "served", "multitask", "random")
 GENERATED_SYSTEMS = ("base", "oracle", "moe", "multitask", "random")
 """Systems eval generates itself; ``served`` is the live endpoint (``EvalSettings.endpoint``)."""
-_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class EvalError(RuntimeError):
@@ -243,9 +243,7 @@ def _plan(
 
 
 def _lora_rank(adapters: dict[str, Path]) -> int:
-    ranks = [int(json.loads((p / "adapter_config.json").read_text()).get("r", 8)) for p in adapters.values()]
-    needed = max(ranks, default=8)
-    return next((r for r in _LORA_RANKS if r >= needed), needed)
+    return vllm_rank(max((adapter_rank(p) for p in adapters.values()), default=DEFAULT_RANK))
 
 
 def generate(

@@ -7,17 +7,15 @@ when the registry later grows past them (:func:`shortfalls` against the running 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_adapters import lora_ranks
+from moe_adapters.lora_ranks import DEFAULT_RANK, VLLM_LORA_RANKS
+
 from .engine import EngineError
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The values vLLM's ``--max-lora-rank`` accepts (``vllm.config.lora.MaxLoRARanks``, vLLM 0.32)."""
-DEFAULT_RANK = 8
-"""Rank assumed while nothing is served yet (the mixture default, so usual experts fit when registered)."""
 PINNED_HEADROOM = 2
 """Host-memory slots (``--max-cpu-loras``) beyond the served set, for pinned versions (``name@1``) and new
 experts: they cost host memory only, while every ``--max-loras`` slot adds work to mixed batches on CPU."""
@@ -56,23 +54,19 @@ class Shortfall:
 
 
 def adapter_rank(folder: str | Path) -> int:
-    """Largest LoRA rank of the PEFT adapter in `folder`: ``r``, or a larger ``rank_pattern`` entry."""
-    path = Path(folder) / "adapter_config.json"
+    """Largest LoRA rank of the PEFT adapter in `folder` (:func:`moe_adapters.lora_ranks.adapter_rank`)."""
     try:
-        config = json.loads(path.read_text())
-        return max(
-            [int(config.get("r", DEFAULT_RANK)), *map(int, (config.get("rank_pattern") or {}).values())]
-        )
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise LoraSlotError(f"cannot read the LoRA rank from {path}: {error}") from error
+        return lora_ranks.adapter_rank(folder)
+    except lora_ranks.LoraRankError as error:
+        raise LoraSlotError(str(error)) from error
 
 
 def vllm_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts that is >= `rank`."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise LoraSlotError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    """The smallest rank vLLM accepts that is >= `rank` (:func:`moe_adapters.lora_ranks.vllm_rank`)."""
+    try:
+        return lora_ranks.vllm_rank(rank)
+    except lora_ranks.LoraRankError as error:
+        raise LoraSlotError(str(error)) from error
 
 
 def lora_needs(adapters: Mapping[str, str | Path]) -> LoraNeeds:
