@@ -47,6 +47,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, machine_info, mode, ratio, standard_parser, summary, write_result  # noqa: E402
 
+from moe_adapters.config import relocate_raw_mixture  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,13 +106,11 @@ def write_bench_mixture(
     source: Path, n_experts: int, steps_per_expert: int, workdir: Path, threads: int | None
 ) -> Path:
     """A copy of ``source`` with its first ``n_experts`` expert tasks (+ replay) and benchmark settings."""
-    raw = yaml.safe_load(source.read_text())
+    raw = relocate_raw_mixture(yaml.safe_load(source.read_text()), source.parent)  # the copy lives elsewhere
     experts = [t for t in raw["tasks"] if not t.get("replay")]
     if n_experts > len(experts):
         raise SystemExit(f"{source} has {len(experts)} expert tasks; cannot benchmark N={n_experts}")
     tasks = experts[:n_experts] + [t for t in raw["tasks"] if t.get("replay")]
-    for task in tasks:  # absolute paths: the copy lives elsewhere
-        task["files"] = [str((source.parent / f).resolve()) for f in task["files"]]
     raw["tasks"] = tasks
     raw["name"] = f"bench-training-{n_experts}"
     # Every sampled step runs (no early stop); no mid-run checkpoints or evaluations, one final eval

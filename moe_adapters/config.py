@@ -335,6 +335,31 @@ def load_mixture(path: str | Path, overrides: dict[str, Any] | None = None) -> M
     return config
 
 
+TASK_PATH_KEYS = ("val_file", "test_file", "unseen_test_file", "templates_file")
+"""Task keys holding one path relative to the mixture YAML (``files`` holds a list of them)."""
+
+
+def relocate_raw_mixture(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A raw mixture dict (as read from YAML in folder ``root``) with its file paths made absolute, so that
+    a copy written elsewhere (a test, a benchmark) reads the same data. ``dataset.path`` may be a hub id and
+    is left as it is."""
+    out = dict(raw)
+    if isinstance(out.get("ood_test_file"), str):
+        out["ood_test_file"] = str((root / out["ood_test_file"]).resolve())
+    tasks = []
+    for task in out.get("tasks") or []:
+        task = dict(task)
+        files = task.get("files")
+        if files is not None:
+            task["files"] = [str((root / f).resolve()) for f in ([files] if isinstance(files, str) else files)]
+        for key in TASK_PATH_KEYS:
+            if isinstance(task.get(key), str):
+                task[key] = str((root / task[key]).resolve())
+        tasks.append(task)
+    out["tasks"] = tasks
+    return out
+
+
 def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``raw[a][b]... = value`` for ``"a.b..."``; in ``tasks`` a segment is an index or a task name."""
     parts = dotted.split(".")

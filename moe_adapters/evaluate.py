@@ -525,12 +525,13 @@ def _served_report(
 ) -> dict[str, Any]:
     """How far the live endpoint agrees with eval's own `moe` system, request by request."""
     moe, served = plan.systems.get("moe"), plan.systems["served"]
-    same = [texts[moe[i]] == texts[served[i]] for i in range(len(cases))] if moe else []
+    same = [texts[moe[i]] == texts[served[i]] for i in range(len(cases)) if moe and moe[i] >= 0]
     return {
         "endpoint": settings.endpoint,
         "model": settings.endpoint_model,
         "requests": len(cases),
         "same_route": sum(a == b for a, b in zip(routes, served_routes, strict=True)) / len(cases),
+        "compared_answers": len(same),
         "same_answer_as_moe": sum(same) / len(same) if same else None,
     }
 
