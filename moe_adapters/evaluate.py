@@ -6,7 +6,8 @@ prompt): each adapter's prompt is built by :func:`moe_adapters.prompting.expert_
 adapter's own system prompt and policy — the function the gateway calls — and greedy decoding.
 
 - ``base``: the base model alone (no system prompt added, as for ``model=<base>``);
-- ``oracle``: each task's own expert on its own task (the upper bound for routing);
+- ``oracle``: each task's own expert on its own task (the upper bound for routing); with keep-if-better
+  (``metrics.json`` ``recipe.serving``) the adapter that serves the task, its expert or ``shared``;
 - ``moe``: the learned router picks the expert; abstain → base (what `moea serve` does);
 - ``random``: a uniformly random expert per prompt (what routing is worth);
 - ``multitask``: one LoRA trained on all tasks, when the run (or `multitask_run`) has
@@ -39,6 +40,7 @@ from typing import Any
 
 from .metrics import PRIMARY_METRIC, score_task
 from .prompting import PromptSpec, version_prompt_spec
+from .recipes import read_serving
 
 FORMAT_VERSION = 1
 OUTPUTS_NAME = "eval_outputs.jsonl"
@@ -172,7 +174,9 @@ def _plan(
     experts: dict[str, Path],
     multitask: Path | None,
     settings: EvalSettings,
+    serving: dict[str, str] | None = None,
 ) -> _Plan:
+    """Requests per system; ``serving`` ({task: adapter}, keep-if-better) picks each task's oracle adapter."""
     plan = _Plan()
     labels = sorted(experts)
     rng = random.Random(settings.seed)
@@ -182,7 +186,8 @@ def _plan(
     for system in wanted:
         plan.systems[system] = [-1] * len(cases)
     for i, case in enumerate(cases):
-        own = case.task if case.task in experts else None
+        own = (serving or {}).get(case.task, case.task)
+        own = own if own in experts else None
         choices: dict[str, str | None | bool] = {
             "base": None,
             "oracle": own if not case.replay else False,
@@ -389,7 +394,8 @@ def evaluate_run(
     tokenizer = AutoTokenizer.from_pretrained(run["base_model"])
     cases = load_test_cases(run_dir, tokenizer, settings.max_examples_per_task)
     routes, router_meta = _route(run_dir, cases, experts, settings)
-    plan = _plan(cases, routes, experts, multitask, settings)
+    serving = read_serving(_read_metrics(run_dir))
+    plan = _plan(cases, routes, experts, multitask, settings, serving)
     adapters = dict(experts) | ({"multitask": multitask} if multitask is not None else {})
     prompt_ids = request_prompt_ids(tokenizer, cases, plan.requests, specs)
     n_rows = sum(sum(1 for r in ids if r >= 0) for ids in plan.systems.values())
@@ -404,7 +410,7 @@ def evaluate_run(
         plan.systems["served"] = list(range(len(texts), len(texts) + len(cases)))
         texts = texts + served_texts
         served = _served_report(cases, routes, served_routes, plan, texts, settings)
-    report = _score(cases, routes, plan, texts, sorted(experts))
+    report = _score(cases, routes, plan, texts, sorted(experts), serving)
     if served is not None:
         report["served"] = served
     report.update(
@@ -516,7 +522,12 @@ def _route(
 
 
 def _score(
-    cases: list[_Case], routes: list[str | None], plan: _Plan, texts: list[str], labels: list[str]
+    cases: list[_Case],
+    routes: list[str | None],
+    plan: _Plan,
+    texts: list[str],
+    labels: list[str],
+    serving: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     general: dict[str, Any] = {}
@@ -547,13 +558,13 @@ def _score(
             entry["routed_to"] = {lab: routed.count(lab) for lab in labels if routed.count(lab)}
             general[task] = entry
         else:
-            entry["router_accuracy"] = sum(r == task for r in routed) / len(rows)
+            entry["router_accuracy"] = sum(r == (serving or {}).get(task, task) for r in routed) / len(rows)
             tasks[task] = entry
     return {
         "tasks": tasks,
         "general": general,
         "summary": _summary(tasks, general),
-        "router": _router_report(cases, routes, labels),
+        "router": _router_report(cases, routes, labels, serving),
     }
 
 
@@ -595,8 +606,13 @@ def _summary(tasks: dict[str, Any], general: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _router_report(cases: list[_Case], routes: list[str | None], labels: list[str]) -> dict[str, Any]:
-    """Confusion matrix: rows = true task (expert tasks, then replay tasks), columns = labels + base."""
+def _router_report(
+    cases: list[_Case], routes: list[str | None], labels: list[str], serving: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Confusion matrix: rows = true task (expert tasks, then replay tasks), columns = labels + base.
+
+    A route is right when it names the adapter serving the task (``serving``; default: the task's own)."""
+    right = serving or {}
     rows = sorted({c.task for c in cases if not c.replay}) + sorted({c.task for c in cases if c.replay})
     columns = [*labels, BASE]
     matrix = [[0] * len(columns) for _ in rows]
@@ -608,9 +624,15 @@ def _router_report(cases: list[_Case], routes: list[str | None], labels: list[st
         "rows": rows,
         "columns": columns,
         "confusion": matrix,
-        "accuracy": sum(c.task == r for c, r in expert_cases) / len(expert_cases) if expert_cases else None,
+        "accuracy": (
+            sum(right.get(c.task, c.task) == r for c, r in expert_cases) / len(expert_cases)
+            if expert_cases
+            else None
+        ),
         "abstain_rate": sum(r is None for _, r in expert_cases) / len(expert_cases) if expert_cases else None,
-        "wrong_route_rate": sum(c.task != r for c, r in accepted) / len(accepted) if accepted else None,
+        "wrong_route_rate": (
+            sum(right.get(c.task, c.task) != r for c, r in accepted) / len(accepted) if accepted else None
+        ),
         "general_routed_rate": (
             sum(r is not None for c, r in zip(cases, routes, strict=True) if c.replay)
             / max(1, sum(c.replay for c in cases))
