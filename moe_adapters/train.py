@@ -455,9 +455,11 @@ def end_shared_phase(trainer: Trainer) -> str:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     shared = trainer.experts[SHARED_ADAPTER]
+    early = shared.stopped_early
     flush_losses(trainer)
     if shared.last_eval_step != shared.steps or shared.best_state is None:
         record_eval(trainer, shared)
+        shared.stopped_early = early  # a last eval without improvement does not make the end "early"
     weights = shared.best_state
     if weights is None:  # no validation rows: the last weights
         state = get_peft_model_state_dict(trainer.model, adapter_name=shared.adapter)
@@ -465,7 +467,7 @@ def end_shared_phase(trainer: Trainer) -> str:
     for expert in trainer.experts.values():
         set_peft_model_state_dict(trainer.model, weights, adapter_name=expert.adapter)
     set_phase(trainer, shared_done=True)
-    why = "stopped early" if shared.stopped_early else "budget reached"
+    why = "stopped early" if early else "shared_steps reached"
     best = "n/a" if math.isinf(shared.best_val_loss) else f"{shared.best_val_loss:.4f}"
     return (
         f"step {trainer.global_step}: shared warm-up done after {shared.steps} steps ({why}, best val loss "
@@ -787,7 +789,6 @@ def recipe_record(trainer: Trainer) -> dict[str, Any] | None:
         "shared_steps_taken": shared.steps,
         "shared_stopped_early": shared.stopped_early,
         "expert_steps": sum(e.steps for n, e in trainer.experts.items() if n != SHARED_ADAPTER),
-        "optimizer": "experts start from the shared best weights with fresh AdamW state and schedule",
         "keep_if_better": tr.keep_if_better,
         "serving": {t: t for t in tasks},
     }

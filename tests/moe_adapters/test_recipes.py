@@ -191,3 +191,26 @@ def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch)
         assert expected.keys() == got.keys()
         for key, tensor in expected.items():
             assert torch.equal(tensor, got[key]), f"{folder}/{key} differs after resume"
+
+
+@pytest.mark.slow
+def test_shared_adapter_stopping_early_hands_its_steps_to_the_experts(tmp_path, capfd):
+    # lr so small that no val loss improves: shared stops at its 2nd eval, each expert at its 2nd.
+    overrides = {
+        **RECIPE,
+        "train.shared_steps": 6,
+        "train.lr": 1e-12,
+        "train.eval_every": 1,
+        "train.patience": 1,
+        "train.warmup_steps": 0,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train_mixture(MIXTURE, tmp_path / "run", overrides=overrides, progress=True)
+    assert "step 2: shared warm-up done after 2 steps (stopped early" in capfd.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["shared_steps_taken"] == 2 and metrics["recipe"]["shared_stopped_early"] is True
+    for name in ("sentiment", "arithmetic"):
+        assert metrics["experts"][name]["steps"] == 2 and metrics["experts"][name]["stopped_early"] is True
+    assert sorted(p.name for p in (out / "experts").iterdir()) == ["arithmetic", "sentiment"]
+    assert (out / "candidates" / "shared" / "adapter_model.safetensors").is_file()
