@@ -40,6 +40,8 @@ SingleAdapterBudget = Literal["total", "per-expert"]
 ``total`` = the experts' run's ``train.max_steps`` (equal total steps and about equal tokens), ``per-expert``
 = ``train.max_steps / number of expert tasks`` (as many steps as one expert gets on average)."""
 SINGLE_ADAPTER_BUDGETS: tuple[str, ...] = typing.get_args(SingleAdapterBudget)
+SHARED_ADAPTER = "shared"
+"""Name of the shared adapter of ``train.shared_steps`` (``experts/shared/`` with ``train.keep_if_better``)."""
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SAVED_DATASET_MARKERS = {
@@ -225,6 +227,19 @@ class TrainConfig:
     counted). On a machine shared with other CPU-heavy jobs, fewer threads can be much faster."""
     log_every: int = 10
     """Read losses back from the device every this many steps (progress bar, curves)."""
+    shared_steps: int = 0
+    """Recipe "shared warm-up, then specialization": the first this many of the ``max_steps`` train ONE
+    shared LoRA on the whole mixture (tasks drawn by the same sampler, rows rendered without a task's
+    system prompt, as the served ``shared`` adapter sees them); then every expert starts from a copy of the
+    shared adapter's best weights with a fresh AdamW state and its own warmup + cosine schedule over the
+    remaining steps. If the shared adapter stops early (``patience``), the experts get its unused steps.
+    0: off (plain experts). Must be < ``max_steps``; ignored by ``--single-adapter`` runs."""
+    keep_if_better: bool = False
+    """Recipe "keep-if-better" (needs ``shared_steps`` > 0): after training, a task keeps its expert only
+    where the expert's best validation loss (token-weighted response cross-entropy on the task's val rows,
+    the metric early stopping uses) is strictly lower than the shared adapter's on the same rows; other
+    tasks are served by ``experts/shared`` (the router sends them there) and their experts are saved
+    under ``candidates/`` only."""
 
 
 @dataclass
@@ -351,7 +366,9 @@ def relocate_raw_mixture(raw: dict[str, Any], root: Path) -> dict[str, Any]:
         task = dict(task)
         files = task.get("files")
         if files is not None:
-            task["files"] = [str((root / f).resolve()) for f in ([files] if isinstance(files, str) else files)]
+            task["files"] = [
+                str((root / f).resolve()) for f in ([files] if isinstance(files, str) else files)
+            ]
         for key in TASK_PATH_KEYS:
             if isinstance(task.get(key), str):
                 task[key] = str((root / task[key]).resolve())
@@ -620,6 +637,10 @@ def validate_mixture(config: MixtureConfig) -> list[str]:  # noqa: C901 - flat l
     if not lo.target_modules:
         errors.append("lora.target_modules: at least one module name is required")
     errors += _validate_train(tr)
+    if tr.shared_steps > 0 and SHARED_ADAPTER in names:
+        errors.append(
+            f"tasks: {SHARED_ADAPTER!r} names the shared adapter of train.shared_steps; rename that task"
+        )
     r = config.router
     if r.epochs < 1 or r.lr <= 0 or r.batch_size < 1 or not 0 < r.target_error < 1:
         errors.append("router: epochs >= 1, lr > 0, batch_size >= 1 and 0 < target_error < 1 are required")
@@ -695,6 +716,16 @@ def _validate_train(tr: TrainConfig) -> list[str]:
         errors.append(f"train.replay_share: must be in [0, 1), got {tr.replay_share}")
     if tr.num_threads is not None and tr.num_threads < 1:
         errors.append(f"train.num_threads: must be >= 1 or null, got {tr.num_threads}")
+    if not 0 <= tr.shared_steps < tr.max_steps:
+        errors.append(
+            f"train.shared_steps: must be >= 0 and < train.max_steps={tr.max_steps} (the experts need steps"
+            f" after the shared warm-up), got {tr.shared_steps}"
+        )
+    if tr.keep_if_better and tr.shared_steps <= 0:
+        errors.append(
+            "train.keep_if_better: compares each expert with the shared adapter, so it needs "
+            "train.shared_steps > 0 (e.g. a third of train.max_steps)"
+        )
     return errors
 
 

@@ -6,7 +6,8 @@ prompt): each adapter's prompt is built by :func:`moe_adapters.prompting.expert_
 adapter's own system prompt and policy — the function the gateway calls — and greedy decoding.
 
 - ``base``: the base model alone (no system prompt added, as for ``model=<base>``);
-- ``oracle``: each task's own expert on its own task (the upper bound for routing);
+- ``oracle``: each task's own expert on its own task (the upper bound for routing); with keep-if-better
+  (``metrics.json`` ``recipe.serving``) the adapter that serves the task, its expert or ``shared``;
 - ``moe``: the learned router picks the expert; abstain → base (what `moea serve` does);
 - ``random``: a uniformly random expert per prompt (what routing is worth);
 - ``multitask``: one LoRA trained on all tasks, when the run (or `multitask_run`) has
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from .lora_ranks import DEFAULT_RANK, adapter_rank, vllm_rank
 from .metrics import PRIMARY_METRIC, score_task
 from .prompting import PromptSpec, version_prompt_spec
+from .recipes import read_serving
 
 if TYPE_CHECKING:
     from .config import TaskConfig
@@ -211,7 +213,9 @@ def _plan(
     experts: dict[str, Path],
     multitask: Path | None,
     settings: EvalSettings,
+    serving: dict[str, str] | None = None,
 ) -> _Plan:
+    """Requests per system; ``serving`` ({task: adapter}, keep-if-better) picks each task's oracle adapter."""
     plan = _Plan()
     labels = sorted(experts)
     rng = random.Random(settings.seed)
@@ -223,7 +227,8 @@ def _plan(
     for i, case in enumerate(cases):
         if case.split == OOD:
             continue  # out-of-distribution prompts are only routed: no reference to score against
-        own = case.task if case.task in experts else None
+        own = (serving or {}).get(case.task, case.task)
+        own = own if own in experts else None
         choices: dict[str, str | None | bool] = {
             "base": None,
             "oracle": own if not case.replay else False,
@@ -428,7 +433,8 @@ def evaluate_run(
     tokenizer = AutoTokenizer.from_pretrained(run["base_model"])
     cases = load_test_cases(run_dir, tokenizer, settings.max_examples_per_task)
     routes, router_meta = _route(run_dir, cases, experts, settings)
-    plan = _plan(cases, routes, experts, multitask, settings)
+    serving = read_serving(_read_metrics(run_dir))
+    plan = _plan(cases, routes, experts, multitask, settings, serving)
     adapters = dict(experts) | ({"multitask": multitask} if multitask is not None else {})
     prompt_ids = request_prompt_ids(tokenizer, cases, plan.requests, specs)
     n_rows = sum(sum(1 for r in ids if r >= 0) for ids in plan.systems.values())
@@ -443,7 +449,7 @@ def evaluate_run(
         plan.systems["served"] = list(range(len(texts), len(texts) + len(cases)))
         texts = texts + served_texts
         served = _served_report(cases, routes, served_routes, plan, texts, settings)
-    report = _score(cases, routes, plan, texts, sorted(experts))
+    report = _score(cases, routes, plan, texts, sorted(experts), serving)
     if served is not None:
         report["served"] = served
     report.update(
@@ -556,16 +562,21 @@ def _route(
 
 
 def _score(
-    cases: list[_Case], routes: list[str | None], plan: _Plan, texts: list[str], labels: list[str]
+    cases: list[_Case],
+    routes: list[str | None],
+    plan: _Plan,
+    texts: list[str],
+    labels: list[str],
+    serving: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The report: test split (``tasks``, ``general``, ``summary``, ``router``), then the same for the
     unseen wordings (``unseen``, None without any) and the out-of-distribution prompts (``ood``)."""
     split_rows: dict[str, list[int]] = {TEST: [], UNSEEN: [], OOD: []}
     for i, case in enumerate(cases):
         split_rows[case.split].append(i)
-    report = _score_rows(cases, routes, plan, texts, labels, split_rows[TEST])
+    report = _score_rows(cases, routes, plan, texts, labels, split_rows[TEST], serving)
     unseen = split_rows[UNSEEN]
-    report["unseen"] = _score_rows(cases, routes, plan, texts, labels, unseen) if unseen else None
+    report["unseen"] = _score_rows(cases, routes, plan, texts, labels, unseen, serving) if unseen else None
     report["ood"] = _ood_report(cases, routes, split_rows[OOD]) if split_rows[OOD] else None
     return report
 
@@ -577,8 +588,10 @@ def _score_rows(
     texts: list[str],
     labels: list[str],
     selected: list[int],
+    serving: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Per-task scores, summary and router report over the ``selected`` case indices."""
+    """Per-task scores, summary and router report over the ``selected`` case indices (``serving``: the
+    adapter serving each task where a recipe gave it to ``shared``; default: the task's own)."""
     tasks: dict[str, Any] = {}
     general: dict[str, Any] = {}
     by_task: dict[str, list[int]] = {}
@@ -599,16 +612,16 @@ def _score_rows(
             entry["routed_to"] = {lab: routed.count(lab) for lab in labels if routed.count(lab)}
             general[task] = entry
         else:
-            entry["router_accuracy"] = sum(r == task for r in routed) / len(rows)
+            entry["router_accuracy"] = sum(r == (serving or {}).get(task, task) for r in routed) / len(rows)
             if any(cases[i].template is not None for i in rows):
-                entry["templates"] = _template_scores(cases, routes, plan, texts, rows, label_set)
+                entry["templates"] = _template_scores(cases, routes, plan, texts, rows, label_set, serving)
             tasks[task] = entry
     chosen_cases, chosen_routes = [cases[i] for i in selected], [routes[i] for i in selected]
     return {
         "tasks": tasks,
         "general": general,
         "summary": _summary(tasks, general),
-        "router": _router_report(chosen_cases, chosen_routes, labels),
+        "router": _router_report(chosen_cases, chosen_routes, labels, serving),
     }
 
 
@@ -636,6 +649,7 @@ def _template_scores(
     texts: list[str],
     rows: list[int],
     label_set: list[str] | None,
+    serving: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Per template index (as a string key, as in JSON): n, the template, each system's headline score,
     router accuracy and abstain rate over the task's rows rendered with that template."""
@@ -647,12 +661,13 @@ def _template_scores(
     for index in sorted(groups):
         members = groups[index]
         routed = [routes[i] for i in members]
+        right = (serving or {}).get(cases[members[0]].task, cases[members[0]].task)
         metrics = _system_scores(cases, plan, texts, members, label_set)
         result[str(index)] = {
             "template": cases[members[0]].template_text,
             "n": len(members),
             "scores": {system: m["score"] for system, m in metrics.items()},
-            "router_accuracy": sum(r == cases[members[0]].task for r in routed) / len(members),
+            "router_accuracy": sum(r == right for r in routed) / len(members),
             "abstain_rate": sum(r is None for r in routed) / len(members),
         }
     return result
@@ -722,8 +737,13 @@ def _summary(tasks: dict[str, Any], general: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _router_report(cases: list[_Case], routes: list[str | None], labels: list[str]) -> dict[str, Any]:
-    """Confusion matrix: rows = true task (expert tasks, then replay tasks), columns = labels + base."""
+def _router_report(
+    cases: list[_Case], routes: list[str | None], labels: list[str], serving: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Confusion matrix: rows = true task (expert tasks, then replay tasks), columns = labels + base.
+
+    A route is right when it names the adapter serving the task (``serving``; default: the task's own)."""
+    right = serving or {}
     rows = sorted({c.task for c in cases if not c.replay}) + sorted({c.task for c in cases if c.replay})
     columns = [*labels, BASE]
     matrix = [[0] * len(columns) for _ in rows]
@@ -735,9 +755,15 @@ def _router_report(cases: list[_Case], routes: list[str | None], labels: list[st
         "rows": rows,
         "columns": columns,
         "confusion": matrix,
-        "accuracy": sum(c.task == r for c, r in expert_cases) / len(expert_cases) if expert_cases else None,
+        "accuracy": (
+            sum(right.get(c.task, c.task) == r for c, r in expert_cases) / len(expert_cases)
+            if expert_cases
+            else None
+        ),
         "abstain_rate": sum(r is None for _, r in expert_cases) / len(expert_cases) if expert_cases else None,
-        "wrong_route_rate": sum(c.task != r for c, r in accepted) / len(accepted) if accepted else None,
+        "wrong_route_rate": (
+            sum(right.get(c.task, c.task) != r for c, r in accepted) / len(accepted) if accepted else None
+        ),
         "general_routed_rate": (
             sum(r is not None for c, r in zip(cases, routes, strict=True) if c.replay)
             / max(1, sum(c.replay for c in cases))

@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
-from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig, load_mixture, mixture_yaml
+from moe_adapters.config import (
+    SHARED_ADAPTER,
+    SINGLE_ADAPTER_BUDGETS,
+    MixtureConfig,
+    load_mixture,
+    mixture_yaml,
+)
 from moe_adapters.data import (
     IGNORE_INDEX,
     BucketBatcher,
@@ -43,6 +49,15 @@ from moe_adapters.data import (
     TaskData,
     collate,
     load_mixture_data,
+    tokenize_rows,
+    training_prompt_spec,
+)
+from moe_adapters.recipes import (
+    RECIPE_METRIC,
+    format_decisions,
+    keep_if_better,
+    relabel_router_prompts,
+    serving_adapters,
 )
 from moe_adapters.run_dir import (
     CHECKPOINT_NAME,
@@ -127,6 +142,10 @@ class Trainer:
     active_adapter: str | None = None
     budget: dict[str, Any] | None = None
     """The single adapter's training budget (:func:`apply_budget`); None for an experts' run."""
+    shared_done: bool = True
+    """False while the shared warm-up of ``train.shared_steps`` runs (every task trains ``shared``)."""
+    shared_examples: dict[str, tuple[list[Example], list[Example]]] | None = None
+    """Per expert task, (train, val) examples as the shared adapter sees them (no task system prompt)."""
 
 
 def train_mixture(
@@ -152,6 +171,7 @@ def train_mixture(
     state = check_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
     budget_record = apply_budget(config, single_adapter, budget)
+    drop_recipes_for_single_adapter(config, single_adapter)
     checkpoint = out_dir / CHECKPOINT_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
@@ -173,6 +193,8 @@ def train_mixture(
     torch.manual_seed(config.train.seed)
     trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter)
     trainer.budget = budget_record
+    if config.train.shared_steps > 0:
+        start_shared_phase(trainer, tokenizer)
     if saved is not None:
         load_checkpoint(trainer, saved)
     run_training(trainer, out_dir, mixture_sha, progress=progress)
@@ -211,6 +233,19 @@ def apply_budget(config: MixtureConfig, single_adapter: bool, budget: str) -> di
         "experts_max_steps": experts_max_steps,
         "n_experts": n_experts,
     }
+
+
+def drop_recipes_for_single_adapter(config: MixtureConfig, single_adapter: bool) -> None:
+    """A single-adapter run is the multi-task baseline: ``train.shared_steps`` / ``keep_if_better`` do not
+    apply (it trains one adapter for all its steps); they are set off with a note."""
+    tr = config.train
+    if single_adapter and (tr.shared_steps or tr.keep_if_better):
+        print(
+            "--single-adapter: train.shared_steps and train.keep_if_better do not apply (one adapter trains "
+            "all steps); ignored",
+            file=sys.stderr,
+        )
+        tr.shared_steps, tr.keep_if_better = 0, False
 
 
 def report_long_rows(data: MixtureData, policy: str) -> None:
@@ -334,6 +369,8 @@ def build_trainer(
     )
     tasks = list(probabilities)
     groups = {MULTITASK_NAME: tasks} if single_adapter else {t: [t] for t in tasks}
+    if not single_adapter and config.train.shared_steps > 0:
+        groups[SHARED_ADAPTER] = tasks
     names = list(groups)
     peft_model = get_peft_model(model, lora_config, adapter_name=_ADAPTER_PREFIX + names[0])
     for name in names[1:]:
@@ -342,7 +379,7 @@ def build_trainer(
     experts = {}
     for name, members in groups.items():
         params = [p for n, p in peft_model.named_parameters() if f".{_ADAPTER_PREFIX}{name}." in n]
-        expected = max(1, round(config.train.max_steps * sum(probabilities[t] for t in members)))
+        expected = expected_steps(config, name, members, probabilities)
         # fused: one kernel for all of an adapter's tensors instead of ~10 ops per tensor.
         optimizer = torch.optim.AdamW(
             params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True
@@ -375,6 +412,96 @@ def build_trainer(
         replay_batcher=BucketBatcher([len(e.input_ids) for e in replay], n_replay, hash_seed(seed, "replay"))
         if n_replay
         else None,
+    )
+
+
+def expected_steps(
+    config: MixtureConfig, name: str, members: list[str], probabilities: dict[str, float]
+) -> int:
+    """Steps an adapter's cosine schedule spans: ``shared_steps`` for the shared adapter, else its sampling
+    share of the steps left after the shared warm-up (all of ``max_steps`` without one)."""
+    tr = config.train
+    if name == SHARED_ADAPTER and tr.shared_steps > 0:
+        return tr.shared_steps
+    return max(1, round((tr.max_steps - tr.shared_steps) * sum(probabilities[t] for t in members)))
+
+
+# ------------------------------------------------------------------------ recipe: shared warm-up phase
+
+
+def start_shared_phase(trainer: Trainer, tokenizer: Any) -> None:
+    """Begin with the shared warm-up: every task trains the ``shared`` adapter on rows rendered as it is
+    served (no task system prompt); :func:`end_shared_phase` hands over to the experts."""
+    trainer.shared_examples = shared_view_examples(trainer, tokenizer)
+    set_phase(trainer, shared_done=False)
+
+
+def shared_view_examples(trainer: Trainer, tokenizer: Any) -> dict[str, tuple[list[Example], list[Example]]]:
+    """(train, val) examples of each expert task rendered for the shared adapter, row for row the same as
+    the expert's (the batchers index both); raise when a row no longer fits ``train.max_length``."""
+    tr = trainer.config.train
+    out = {}
+    for task in trainer.experts[SHARED_ADAPTER].tasks:
+        data = trainer.data.tasks[task]
+        spec = training_prompt_spec(data.config, single_adapter=True)
+        views = []
+        for rows, examples in ((data.train, data.train_examples), (data.val, data.val_examples)):
+            problems: list[str] = []
+            _, shared = tokenize_rows(rows, tokenizer, tr.max_length, problems, spec=spec, long_rows="skip")
+            if problems or len(shared) != len(examples):
+                raise TrainError(
+                    f"task {task}: {len(examples) - len(shared)} rows exceed train.max_length={tr.max_length} "
+                    "when rendered for the shared adapter (without the task's system prompt, the chat "
+                    "template may add its default one): raise train.max_length"
+                )
+            views.append(shared)
+        out[task] = (views[0], views[1])
+    return out
+
+
+def set_phase(trainer: Trainer, *, shared_done: bool) -> None:
+    """Route every task to the shared adapter (warm-up) or to its own expert (after it)."""
+    trainer.shared_done = shared_done
+    for task in trainer.experts[SHARED_ADAPTER].tasks:
+        trainer.expert_of_task[task] = task if shared_done else SHARED_ADAPTER
+
+
+def shared_phase_due(trainer: Trainer) -> bool:
+    """The warm-up is over: ``shared_steps`` taken, or the shared adapter stopped early (patience)."""
+    if trainer.shared_done:
+        return False
+    shared = trainer.experts[SHARED_ADAPTER]
+    return trainer.global_step >= trainer.config.train.shared_steps or shared.stopped_early
+
+
+def end_shared_phase(trainer: Trainer) -> str:
+    """Freeze the shared adapter at its best weights and copy them into every expert.
+
+    The experts keep their fresh AdamW state and their own warmup + cosine schedule (built over the steps
+    after the warm-up): the shared adapter's Adam moments are averages over all tasks' gradients, and a
+    new warmup lets each expert move off the shared point gently. Returns the log line.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    shared = trainer.experts[SHARED_ADAPTER]
+    early = shared.stopped_early
+    flush_losses(trainer)
+    if shared.last_eval_step != shared.steps or shared.best_state is None:
+        record_eval(trainer, shared)
+        shared.stopped_early = early  # a last eval without improvement does not make the end "early"
+    weights = shared.best_state
+    if weights is None:  # no validation rows: the last weights
+        state = get_peft_model_state_dict(trainer.model, adapter_name=shared.adapter)
+        weights = shared.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    for expert in trainer.experts.values():
+        set_peft_model_state_dict(trainer.model, weights, adapter_name=expert.adapter)
+    set_phase(trainer, shared_done=True)
+    why = "stopped early" if early else "shared_steps reached"
+    best = "n/a" if math.isinf(shared.best_val_loss) else f"{shared.best_val_loss:.4f}"
+    return (
+        f"step {trainer.global_step}: shared warm-up done after {shared.steps} steps ({why}, best val loss "
+        f"{best}); {len(trainer.experts) - 1} experts start from the shared weights for the remaining "
+        f"{trainer.config.train.max_steps - trainer.global_step} steps"
     )
 
 
@@ -414,11 +541,20 @@ def _activate(trainer: Trainer, expert: ExpertState) -> None:
         trainer.active_adapter = expert.adapter
 
 
+def task_examples(trainer: Trainer, task: str, expert: ExpertState) -> tuple[list[Example], list[Example]]:
+    """(train, val) examples of ``task`` as ``expert`` sees them (the shared adapter: its own rendering)."""
+    if expert.name == SHARED_ADAPTER and trainer.shared_examples is not None:
+        return trainer.shared_examples[task]
+    data = trainer.data.tasks[task]
+    return data.train_examples, data.val_examples
+
+
 def train_step(trainer: Trainer) -> tuple[str, int]:
     """One optimizer step on the expert of a sampled task; returns (task, tokens in the batch)."""
     task = trainer.sampler.sample()
     expert = trainer.experts[trainer.expert_of_task[task]]
-    examples = [trainer.data.tasks[task].train_examples[i] for i in next(trainer.batchers[task])]
+    source = task_examples(trainer, task, expert)[0]
+    examples = [source[i] for i in next(trainer.batchers[task])]
     if trainer.replay_batcher is not None:
         examples += [trainer.replay_examples[i] for i in next(trainer.replay_batcher)]
     tokens = sum(len(e.input_ids) for e in examples)
@@ -452,10 +588,11 @@ def flush_losses(trainer: Trainer) -> float | None:
 
 
 @torch.no_grad()
-def evaluate_expert(trainer: Trainer, expert: ExpertState) -> float:
-    """Token-weighted validation loss of ``expert`` on (at most ``eval_batches`` batches of) its val rows."""
+def evaluate_expert(trainer: Trainer, expert: ExpertState, tasks: list[str] | None = None) -> float:
+    """Token-weighted validation loss of ``expert`` on (at most ``eval_batches`` batches of) the val rows of
+    ``tasks`` (default: its own tasks)."""
     bs = trainer.config.train.batch_size
-    examples = [ex for t in expert.tasks for ex in trainer.data.tasks[t].val_examples]
+    examples = [ex for t in tasks or expert.tasks for ex in task_examples(trainer, t, expert)[1]]
     if not examples:
         return math.nan
     examples = sorted(
@@ -493,6 +630,8 @@ def record_eval(trainer: Trainer, expert: ExpertState) -> None:
     patience = trainer.config.train.patience
     if patience and expert.evals_without_improvement >= patience and not expert.stopped_early:
         expert.stopped_early = True
+        if expert.name == SHARED_ADAPTER:
+            return  # ends the warm-up early (shared_phase_due); the tasks' experts still train
         for task in expert.tasks:
             trainer.sampler.remove(task)
 
@@ -518,6 +657,10 @@ def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress:
     with Progress(*columns, console=console, disable=not progress or plain_lines) as bar:
         bar_id = bar.add_task("train", total=tr.max_steps, completed=trainer.global_step, info="")
         while trainer.global_step < tr.max_steps and len(trainer.sampler) > 0:
+            if shared_phase_due(trainer):
+                message = end_shared_phase(trainer)
+                if progress:
+                    console.print(message, highlight=False)
             start = time.perf_counter()
             task, tokens = train_step(trainer)
             trainer.train_time_s += time.perf_counter() - start
@@ -557,6 +700,7 @@ def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
         "sampler": trainer.sampler.state_dict(),
         "batchers": {t: b.state_dict() for t, b in trainer.batchers.items()},
         "replay_batcher": trainer.replay_batcher.state_dict() if trainer.replay_batcher else None,
+        "shared_done": trainer.shared_done,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "experts": {
@@ -615,6 +759,8 @@ def load_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     trainer.global_step = state["global_step"]
     trainer.train_time_s = state["train_time_s"]
+    if SHARED_ADAPTER in trainer.experts:
+        set_phase(trainer, shared_done=state["shared_done"])
 
 
 def save_expert(trainer: Trainer, expert: ExpertState, folder: Path, base_path: str) -> None:
@@ -644,6 +790,50 @@ def save_expert(trainer: Trainer, expert: ExpertState, folder: Path, base_path: 
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapters(trainer: Trainer, out_dir: Path, base_path: str) -> dict[str, Any] | None:
+    """Save every adapter; return the ``recipe`` record for metrics.json (None without a shared warm-up).
+
+    Served adapters go to ``experts/<name>/``. With a shared warm-up, the shared adapter goes to
+    ``experts/shared/`` where keep-if-better gave it a task, else to ``candidates/shared/``; an expert that
+    lost to it goes to ``candidates/<task>/`` (kept for inspection, never registered).
+    """
+    recipe = recipe_record(trainer)
+    served = set(recipe["serving"].values()) if recipe is not None else set(trainer.experts)
+    for name, expert in trainer.experts.items():
+        folder = out_dir / ("experts" if name in served else "candidates") / name
+        save_expert(trainer, expert, folder, base_path)
+    return recipe
+
+
+def recipe_record(trainer: Trainer) -> dict[str, Any] | None:
+    """The shared warm-up's steps and, with ``keep_if_better``, each task's decision (printed too)."""
+    if SHARED_ADAPTER not in trainer.experts:
+        return None
+    tr, shared = trainer.config.train, trainer.experts[SHARED_ADAPTER]
+    tasks = list(shared.tasks)
+    record: dict[str, Any] = {
+        "shared_steps": tr.shared_steps,
+        "shared_steps_taken": shared.steps,
+        "shared_stopped_early": shared.stopped_early,
+        "expert_steps": sum(e.steps for n, e in trainer.experts.items() if n != SHARED_ADAPTER),
+        "keep_if_better": tr.keep_if_better,
+        "serving": {t: t for t in tasks},
+    }
+    if not tr.keep_if_better:
+        return record
+    if shared.best_state is not None:  # frozen at its best since the warm-up ended; make sure
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.model, shared.best_state, adapter_name=shared.adapter)
+    shared_losses = {t: evaluate_expert(trainer, shared, [t]) for t in tasks}
+    expert_losses = {t: trainer.experts[t].best_val_loss for t in tasks}
+    decisions = keep_if_better(expert_losses, shared_losses)
+    record.update({"metric": RECIPE_METRIC, "decisions": decisions, "serving": serving_adapters(decisions)})
+    for line in format_decisions(decisions):
+        print(line, file=sys.stderr)
+    return record
 
 
 def expert_metrics(trainer: Trainer) -> dict[str, dict[str, Any]]:
@@ -681,8 +871,7 @@ def finalize_run(
     marker) run.json."""
     from moe_adapters.plots import plot_training_curves
 
-    for name, expert in trainer.experts.items():
-        save_expert(trainer, expert, out_dir / "experts" / name, base_path)
+    recipe = save_adapters(trainer, out_dir, base_path)
     metrics: dict[str, Any] = {
         "experts": expert_metrics(trainer),
         "train": {
@@ -705,9 +894,12 @@ def finalize_run(
     }
     if trainer.budget is not None:
         metrics["budget"] = trainer.budget
+    if recipe is not None:
+        metrics["recipe"] = recipe
     if not single_adapter and trainer.config.router.enabled:
         router_start = time.perf_counter()
-        metrics["router"] = train_router_for_run(trainer, out_dir, base_path)
+        serving = (recipe or {}).get("serving")
+        metrics["router"] = train_router_for_run(trainer, out_dir, base_path, serving)
         metrics["train"]["router_wall_s"] = time.perf_counter() - router_start
     write_json_atomic(out_dir / "metrics.json", metrics)
     plot_training_curves(
@@ -738,8 +930,14 @@ def finalize_run(
     write_json_atomic(out_dir / RUN_MARKER, run)
 
 
-def train_router_for_run(trainer: Trainer, out_dir: Path, base_path: str) -> dict[str, Any]:
-    """Train the router on the experts' raw prompts (skipped with a warning if router.py is absent)."""
+def train_router_for_run(
+    trainer: Trainer, out_dir: Path, base_path: str, serving: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train the router on the experts' raw prompts (skipped with a warning if router.py is absent).
+
+    ``serving`` ({task: adapter}, keep-if-better) files a task's prompts under the adapter serving it, so
+    every router label is an ``experts/`` folder (a task served by ``shared`` is routed to ``shared``).
+    """
     try:
         from moe_adapters.router import train_router
     except ModuleNotFoundError as exc:
@@ -748,8 +946,12 @@ def train_router_for_run(trainer: Trainer, out_dir: Path, base_path: str) -> dic
         warnings.warn("moe_adapters.router is not available: run saved without a router", stacklevel=2)
         return {"skipped": "moe_adapters.router not available"}
     tasks = [t.name for t in trainer.config.expert_tasks]
-    train = {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].train) for t in tasks}
-    val = {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].val) for t in tasks}
+    train = relabel_router_prompts(
+        {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].train) for t in tasks}, serving
+    )
+    val = relabel_router_prompts(
+        {t: router_prompts(trainer.data.tasks[t], trainer.data.tasks[t].val) for t in tasks}, serving
+    )
     # Replay prompts are general requests: good out-of-scope examples that should go to the base model.
     negatives = [r.prompt for t in trainer.config.replay_tasks for r in trainer.data.tasks[t.name].train]
     return train_router(

@@ -1,0 +1,216 @@
+"""Training recipes: shared warm-up then specialization (train.shared_steps) and keep-if-better.
+
+Pure decisions and config checks run instantly; the runs use the tiny mixture of test_train.py (a few
+steps on the real base model, CPU, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_adapters import train as train_module
+from moe_adapters.config import ConfigError, load_mixture
+from moe_adapters.evaluate import EvalSettings, _Case, _plan, _router_report
+from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
+from moe_adapters.train import train_mixture
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIXTURE = FIXTURES / "mixture.yaml"
+RECIPE = {
+    "train.num_threads": 1,
+    "train.max_steps": 8,
+    "train.shared_steps": 4,
+    "train.eval_every": 2,
+    "train.lr": 1e-3,
+}
+
+# ------------------------------------------------------------------------------------ pure decisions
+
+DECISION_CASES = [
+    # (expert val loss, shared val loss, expert kept)
+    (1.0, 2.0, True),  # expert better
+    (2.0, 1.0, False),  # shared better
+    (1.5, 1.5, False),  # a tie goes to the shared adapter (one adapter fewer to serve)
+    (None, 1.0, True),  # no val rows: nothing shows the shared adapter is better
+    (math.inf, 1.0, True),  # never evaluated
+    (1.0, math.nan, True),
+]
+
+
+@pytest.mark.parametrize(("expert", "shared", "kept"), DECISION_CASES)
+def test_keep_if_better_decision(expert: float | None, shared: float | None, kept: bool) -> None:
+    decision = keep_if_better({"t": expert}, {"t": shared})["t"]
+    assert decision["kept"] is kept
+    assert serving_adapters({"t": decision}) == {"t": "t" if kept else "shared"}
+    json.dumps(decision, allow_nan=False)  # finite numbers or null only: metrics.json stays strict JSON
+
+
+def test_router_prompts_relabel_losing_tasks_and_serving_map_reads_back() -> None:
+    serving = {"a": "a", "b": "shared", "c": "shared"}
+    merged = relabel_router_prompts({"a": ["1"], "b": ["2"], "c": ["3", "4"]}, serving)
+    assert merged == {"a": ["1"], "shared": ["2", "3", "4"]}
+    assert relabel_router_prompts({"a": ["1"]}, None) == {"a": ["1"]}
+    assert read_serving({"recipe": {"serving": serving}}) == serving
+    assert read_serving({}) == {} and read_serving(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.shared_steps": 12}, "train.shared_steps: must be >= 0 and < train.max_steps=12"),
+        ({"train.shared_steps": -1}, "train.shared_steps"),
+        ({"train.keep_if_better": True}, "train.keep_if_better: .* needs train.shared_steps > 0"),
+        ({"train.shared_steps": 2, "tasks.0.name": "shared"}, "'shared' names the shared adapter"),
+    ],
+)
+def test_recipe_settings_are_validated(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_mixture(MIXTURE, overrides)
+
+
+def test_eval_scores_oracle_with_the_serving_adapter() -> None:
+    cases = [
+        _Case("math", "math", "1+1?", [], "2", False),
+        _Case("tone", "classification", "ok", [], "x", False),
+    ]
+    experts = {"math": Path("m"), "shared": Path("s")}  # tone lost to shared
+    serving = {"math": "math", "tone": "shared"}
+    plan = _plan(cases, ["math", "shared"], experts, None, EvalSettings(systems=("oracle", "moe")), serving)
+    assert [plan.requests[i] for i in plan.systems["oracle"]] == [("math", 0), ("shared", 1)]
+    assert plan.systems["moe"] == plan.systems["oracle"]
+    assert _router_report(cases, ["math", "shared"], sorted(experts), serving)["accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ tiny runs
+
+
+def _run(out: Path, **overrides: object) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train_mixture(MIXTURE, out, overrides={**RECIPE, **overrides}, progress=False)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
+    from peft import get_peft_model_state_dict
+
+    from registry.rundir import read_run_dir
+
+    at_switch: dict[str, dict[str, torch.Tensor]] = {}
+    real_end, real_decide = train_module.end_shared_phase, train_module.keep_if_better
+
+    def end_and_capture(trainer):
+        message = real_end(trainer)
+        for name, e in trainer.experts.items():
+            state = get_peft_model_state_dict(trainer.model, adapter_name=e.adapter)
+            at_switch[name] = {k: v.detach().clone() for k, v in state.items()}
+        assert trainer.global_step == 4 and all(
+            e.steps == 0 for n, e in trainer.experts.items() if n != "shared"
+        )
+        return message
+
+    def sentiment_loses(expert_losses, shared_losses):  # the real rule, with the shared adapter made to win
+        return real_decide(expert_losses, {**shared_losses, "sentiment": 0.0})
+
+    monkeypatch.setattr(train_module, "end_shared_phase", end_and_capture)
+    monkeypatch.setattr(train_module, "keep_if_better", sentiment_loses)
+    router = {
+        "router.enabled": True,
+        "router.encoder": "minilm",
+        "router.heads": ["linear"],
+        "router.epochs": 5,
+    }
+    out = _run(tmp_path / "run", **{"train.keep_if_better": True, **router})
+
+    for name in ("sentiment", "arithmetic"):  # every expert starts as a copy of the shared weights
+        for key, tensor in at_switch["shared"].items():
+            assert torch.equal(at_switch[name][key], tensor), f"{name}/{key} is no copy of shared"
+    metrics = json.loads((out / "metrics.json").read_text())
+    experts, recipe = metrics["experts"], metrics["recipe"]
+    assert experts["shared"]["steps"] == recipe["shared_steps_taken"] == 4
+    assert experts["sentiment"]["steps"] + experts["arithmetic"]["steps"] == recipe["expert_steps"] == 4
+    assert recipe["serving"] == {"sentiment": "shared", "arithmetic": "arithmetic"}
+    assert recipe["decisions"]["arithmetic"]["shared_val_loss"] > 0 and recipe["metric"] == "val_loss"
+    assert sorted(p.name for p in (out / "experts").iterdir()) == ["arithmetic", "shared"]
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == ["sentiment"]
+    trained, shared = _weights(out / "experts" / "arithmetic"), _weights(out / "experts" / "shared")
+    assert any(not torch.equal(trained[k], shared[k]) for k in shared), (
+        "the expert did not train after the copy"
+    )
+    router_json = json.loads((out / "router" / "router.json").read_text())
+    assert router_json["labels"] == ["arithmetic", "shared"]
+    plan = read_run_dir(out)  # the registry accepts it: every router label is an expert folder
+    assert {e.name for e in plan.experts} == {"arithmetic", "shared"}
+    assert plan.router is not None and set(plan.router.labels) <= {e.name for e in plan.experts}
+    assert plan.experts[1].metrics["steps"] == 4  # shared's training record travels with its version
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch):
+    overrides = {"train.checkpoint_every": 3}  # checkpoint at step 3 (warm-up), crash at step 5 (experts)
+    reference = _run(tmp_path / "reference", **overrides)
+
+    real_step, calls = train_module.train_step, []
+
+    def crash_at_fifth_step(trainer):
+        calls.append(trainer.global_step)
+        if len(calls) == 5:
+            raise _Crash
+        return real_step(trainer)
+
+    monkeypatch.setattr(train_module, "train_step", crash_at_fifth_step)
+    with pytest.raises(_Crash):
+        _run(tmp_path / "resumed", **overrides)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    resumed = train_mixture(
+        MIXTURE, tmp_path / "resumed", resume=True, overrides={**RECIPE, **overrides}, progress=False
+    )
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    res_metrics = json.loads((resumed / "metrics.json").read_text())
+    assert res_metrics["recipe"] == ref_metrics["recipe"]
+    for name in ("shared", "sentiment", "arithmetic"):
+        assert res_metrics["experts"][name]["best_val_loss"] == ref_metrics["experts"][name]["best_val_loss"]
+    for folder in ("experts/sentiment", "experts/arithmetic", "candidates/shared"):
+        expected, got = _weights(reference / folder), _weights(resumed / folder)
+        assert expected.keys() == got.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, got[key]), f"{folder}/{key} differs after resume"
+
+
+@pytest.mark.slow
+def test_shared_adapter_stopping_early_hands_its_steps_to_the_experts(tmp_path, capfd):
+    # lr so small that no val loss improves: shared stops at its 2nd eval, each expert at its 2nd.
+    overrides = {
+        **RECIPE,
+        "train.shared_steps": 6,
+        "train.lr": 1e-12,
+        "train.eval_every": 1,
+        "train.patience": 1,
+        "train.warmup_steps": 0,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train_mixture(MIXTURE, tmp_path / "run", overrides=overrides, progress=True)
+    assert "step 2: shared warm-up done after 2 steps (stopped early" in capfd.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["shared_steps_taken"] == 2 and metrics["recipe"]["shared_stopped_early"] is True
+    for name in ("sentiment", "arithmetic"):
+        assert metrics["experts"][name]["steps"] == 2 and metrics["experts"][name]["stopped_early"] is True
+    assert sorted(p.name for p in (out / "experts").iterdir()) == ["arithmetic", "sentiment"]
+    assert (out / "candidates" / "shared" / "adapter_model.safetensors").is_file()
