@@ -262,6 +262,6 @@ def test_responses_fit_the_token_budget() -> None:
     from moe_adapters.base_model import resolve_base_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model())
-    for path in [*EXAMPLES.glob("data/*"), *EXAMPLES.glob("hard/data/*")]:
+    for path in [*EXAMPLES.glob("data/**/*.*"), *EXAMPLES.glob("hard/data/**/*.*")]:  # incl. unseen/, raw/
         longest = max(len(tokenizer(row["response"])["input_ids"]) for row in read_rows(path))
         assert longest <= 24, (path.name, longest)
