@@ -664,7 +664,7 @@ def tokenize_rows(
             continue
         total = len(example.input_ids)
         if total > max_length and long_rows == "truncate":
-            row, example = _truncate(row, tokenizer, spec, max_length, problems)
+            row, example = _truncate(row, example, tokenizer, spec, max_length, problems)
             counts["truncated"] = counts.get("truncated", 0) + (example is not None)
         if example is None or len(example.input_ids) > max_length:
             if long_rows == "error":
@@ -712,25 +712,26 @@ def tokenize_conversation(
 
 
 def _truncate(
-    row: Row, tokenizer: Any, spec: PromptSpec | None, max_length: int, problems: list[str]
+    row: Row, example: Example, tokenizer: Any, spec: PromptSpec | None, max_length: int, problems: list[str]
 ) -> tuple[Row, Example | None]:
-    """Cut the row's last user message from the left until the row fits (a few re-tokenizations at most)."""
+    """Cut the row's last user message from the left until the row fits (a few re-tokenizations at most);
+    ``example`` is the row's untruncated tokenization."""
     prompt_ids = tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
-    example = None
     for _ in range(4):
-        full = tokenize_conversation(
-            tokenizer, expert_messages(row.conversation(), spec), problems, row.source
-        )
-        if full is None:
-            return row, None
-        over = len(full.input_ids) - max_length
+        over = len(example.input_ids) - max_length
         if over <= 0:
-            return row, full
+            return row, example
         if over >= len(prompt_ids):
             return row, None  # even an empty user message would not fit: the answer is never cut
         prompt_ids = prompt_ids[over:]
         row = replace(row, prompt=tokenizer.decode(prompt_ids).lstrip() or "…")
-    return row, example
+        cut = tokenize_conversation(
+            tokenizer, expert_messages(row.conversation(), spec), problems, row.source
+        )
+        if cut is None:
+            return row, None
+        example = cut
+    return row, example if len(example.input_ids) <= max_length else None
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], spec: PromptSpec | None = None) -> str:
