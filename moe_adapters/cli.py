@@ -1,24 +1,20 @@
-"""The `moea` command line: a thin layer that parses, calls the typed functions, and prints.
+"""The training side of the `moea` command line: `moea base prepare` and `moea train`.
 
-Heavy libraries (torch, transformers, vLLM) are imported inside the commands that need them, so
-`moea --help` and the registry commands start fast.
+A thin layer that parses, calls the typed functions, and prints. The `moea` group itself is composed
+one layer up, in `serving/cli_root.py`, so this package never imports the serving layer. Heavy
+libraries (torch, transformers) are imported inside the commands that need them, so `moea --help`
+and the registry commands start fast.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from registry.cli import register_command, registry_group
-from serving.ab_cli import ab_group
-from serving.cli import serve_command
-
 from .config import SINGLE_ADAPTER_BUDGETS
-from .errors import user_facing_errors
 
 
 def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -32,13 +28,7 @@ def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     return overrides
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="moea")
-def moea() -> None:
-    """Train LoRA experts per task, route between them, register and serve them."""
-
-
-@moea.group("base")
+@click.group("base")
 def base_group() -> None:
     """The base model every expert is trained on."""
 
@@ -54,7 +44,7 @@ def base_prepare(base_spec: str | None) -> None:
     click.echo(resolve_base_model(base_spec))
 
 
-@moea.command("train")
+@click.command("train")
 @click.argument("mixture", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--out",
@@ -106,31 +96,3 @@ def train(
         overrides=_parse_overrides(overrides),
     )
     click.echo(f"run dir: {run_dir}")
-
-
-moea.add_command(register_command)
-moea.add_command(registry_group)
-moea.add_command(serve_command)
-moea.add_command(ab_group)
-
-
-def _mount_optional_commands() -> None:
-    """Commands living in modules that import heavier dependencies are mounted here."""
-    from .demo import demo_command
-    from .eval_cli import eval_command
-
-    moea.add_command(eval_command)
-    moea.add_command(demo_command)
-
-
-_mount_optional_commands()
-
-
-def main() -> None:
-    """Console entry point: run the group, turning known errors into one-line messages."""
-    with user_facing_errors():
-        moea.main(standalone_mode=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConflictError, IntegrityError, NotFoundError, RegistryError, ValidationError
 
+MOEA_PACKAGE = "registry"  # marker checked by moe_adapters.check_sibling_packages
+
 if TYPE_CHECKING:
     from .service import Registry
 

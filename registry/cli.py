@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import RegistryError
+from .errors import user_facing_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Pipes and CI logs get wide tables instead of rich's 80-column default.
@@ -26,7 +26,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _common(func: F) -> F:
-    """Add --registry-url/--store-dir, turn RegistryError into a one-line `Error: …` and exit 1."""
+    """Add --registry-url/--store-dir; moea errors become a one-line `Error: …` and exit 1."""
 
     @click.option(
         "--registry-url",
@@ -44,10 +44,8 @@ def _common(func: F) -> F:
     )
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with user_facing_errors():
             return func(*args, **kwargs)
-        except RegistryError as error:
-            raise click.ClickException(str(error)) from None
 
     return wrapper  # type: ignore[return-value]
 

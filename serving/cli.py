@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from moe_adapters.errors import user_facing_errors
+from registry.errors import user_facing_errors
 
 from .engine import EngineError, EngineSettings
 from .lora_slots import lora_needs, size_lora_flags

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_adapters.demo import REPO_EXAMPLES, prepare_run, previous_dir, staging_dir
+from serving.demo import REPO_EXAMPLES, prepare_run, previous_dir, staging_dir
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_demo_serves_every_expert_then_reuses_and_retrains(
     workdir = tmp_path / "demo"
     sets = [arg for pair in TINY for arg in ("--set", pair)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    demo = [sys.executable, "-m", "moe_adapters.cli", "demo", "--workdir", str(workdir), "--per-task", "1"]
+    demo = [sys.executable, "-m", "serving.cli_root", "demo", "--workdir", str(workdir), "--per-task", "1"]
     done = subprocess.run([*demo, *sets], env=env, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from moe_adapters.config import relocate_raw_mixture
-from moe_adapters.demo import free_port, stop_process_group, wait_until_ready
+from serving.demo import free_port, stop_process_group, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ ROWS_PER_TASK = 150
 
 def _moea(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "moe_adapters.cli", *args],
+        [sys.executable, "-m", "serving.cli_root", *args],
         env=env,
         text=True,
         capture_output=True,
@@ -85,7 +85,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
     base_url = f"http://127.0.0.1:{port}"
     log = (tmp / "serve.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "moe_adapters.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "serving.cli_root", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

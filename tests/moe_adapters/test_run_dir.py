@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from moe_adapters import run_dir as run_dir_module
-from moe_adapters.demo import plan_training, prepare_run, previous_dir, staging_dir
 from moe_adapters.run_dir import (
     CHECKPOINT_NAME,
     RUN_MARKER,
@@ -21,6 +20,7 @@ from moe_adapters.run_dir import (
     run_dir_state,
     write_json_atomic,
 )
+from serving.demo import plan_training, prepare_run, previous_dir, staging_dir
 
 MIXTURE = Path(__file__).parent / "fixtures" / "mixture.yaml"
 
@@ -133,7 +133,7 @@ def test_demo_swaps_in_a_finished_retrain_then_registers_it(tmp_path: Path) -> N
 
 def _moea_train(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "moe_adapters.cli", "train", str(MIXTURE), "--out", str(out), *args],
+        [sys.executable, "-m", "serving.cli_root", "train", str(MIXTURE), "--out", str(out), *args],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
 

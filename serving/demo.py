@@ -69,7 +69,7 @@ def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) 
 
 
 def _moea(*args: str) -> list[str]:
-    return [sys.executable, "-m", "moe_adapters.cli", *args]
+    return [sys.executable, "-m", "serving.cli_root", *args]
 
 
 def staging_dir(run_dir: Path) -> Path:
