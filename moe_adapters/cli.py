@@ -14,7 +14,7 @@ import click
 import yaml
 
 from registry.cli import register_command, registry_group
-from serving.ab_cli import ab_group
+from serving.ab.cli import ab_group
 from serving.cli import serve_command
 
 from .config import SINGLE_ADAPTER_BUDGETS

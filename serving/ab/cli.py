@@ -1,7 +1,7 @@
 """`moea ab …`: start, inspect, stop and report A/B experiments between versions of one expert.
 
 Thin layer over :mod:`registry.service` (experiments live in the registry database, so every gateway
-replica sees the same experiment) and :mod:`serving.ab` (statistics, report, plot).
+replica sees the same experiment) and :mod:`serving.ab` (assignment checks, report, rendering, plot).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .ab import ABError, build_report, parse_arm, plot_report, render_report, validate_arms
+from .assign import ABError, parse_arm, validate_arms
+from .render import plot_report, render_report
+from .report import build_report
 
 if TYPE_CHECKING:
     from registry.models import ExperimentView
