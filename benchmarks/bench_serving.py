@@ -99,7 +99,7 @@ def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
 
 def run_load(url: str, registry: Any, clients: int, duration_s: float, max_tokens: int) -> dict[str, Any]:
     """The load phase: clients loop; at 1/3 prod moves to v2, at 2/3 an experiment 30/70 starts."""
-    from serving.ab import srm_check
+    from serving.ab.stats import srm_check
 
     results: list[tuple[str, str, str | None, float]] = []
     failures: list[str] = []

@@ -25,29 +25,37 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _common(func: F) -> F:
-    """Add --registry-url/--store-dir; moea errors become a one-line `Error: …` and exit 1."""
-
-    @click.option(
+def registry_url_option(func: F) -> F:
+    """`--registry-url` (env MOEA_REGISTRY_URL): the one definition every moea command uses."""
+    return click.option(
         "--registry-url",
         envvar="MOEA_REGISTRY_URL",
         default=None,
         metavar="URL",
         help="SQLAlchemy URL of the registry [env MOEA_REGISTRY_URL; default sqlite:///$MOEA_HOME/registry.db].",
-    )
-    @click.option(
+    )(func)
+
+
+def store_dir_option(func: F) -> F:
+    """`--store-dir` (env MOEA_STORE_DIR): the one definition every moea command uses."""
+    return click.option(
         "--store-dir",
         envvar="MOEA_STORE_DIR",
         default=None,
         type=click.Path(file_okay=False, path_type=Path),
         help="Artifact store folder [env MOEA_STORE_DIR; default $MOEA_HOME/store].",
-    )
+    )(func)
+
+
+def _common(func: F) -> F:
+    """Add --registry-url/--store-dir; moea errors become a one-line `Error: …` and exit 1."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with user_facing_errors():
             return func(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return registry_url_option(store_dir_option(wrapper))  # type: ignore[return-value]
 
 
 def _open(registry_url: str | None, store_dir: Path | None):  # type: ignore[no-untyped-def]

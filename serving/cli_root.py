@@ -16,7 +16,7 @@ from moe_adapters.cli import base_group, train
 from moe_adapters.eval_cli import eval_command
 from registry.cli import register_command, registry_group
 from registry.errors import user_facing_errors
-from serving.ab_cli import ab_group
+from serving.ab.cli import ab_group
 from serving.cli import serve_command
 from serving.demo import demo_command
 

@@ -46,7 +46,7 @@ from moe_adapters.prompting import PromptSpec, expert_messages, system_prompt_so
 from registry.errors import ValidationError as RefError
 from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
-from . import ab
+from .ab import assign as ab  # the request-path half of serving.ab: no scipy, numpy, rich or matplotlib
 from .engine import BASE_LORA_NAME, EngineError, EnginePool, EngineUnavailable, Lease, write_identity_lora
 from .lora_slots import LoraSlotError, growth_warning, lora_needs, shortfalls
 from .metrics import GatewayMetrics

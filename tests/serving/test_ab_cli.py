@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 
 from registry.models import OutcomeRecord, RequestRecord
 from registry.service import Registry
-from serving.ab import assign_arm
-from serving.ab_cli import ab_group
+from serving.ab.assign import assign_arm
+from serving.ab.cli import ab_group
 
 from .registry_fixtures import make_run_dir
 

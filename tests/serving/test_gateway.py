@@ -409,7 +409,7 @@ def test_metrics_exposition(env: Env) -> None:
 
 def test_load_with_promotion_and_experiment_start_has_no_failures(env: Env) -> None:
     """8 concurrent openai clients for ~20 s; prod moves and an experiment starts mid-run."""
-    from serving.ab import srm_check
+    from serving.ab.stats import srm_check
 
     duration_s, workers = 20.0, 8
     stop = threading.Event()
