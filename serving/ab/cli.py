@@ -18,11 +18,11 @@ from registry.errors import user_facing_errors
 from .assign import ABError, parse_arm, validate_arms
 from .render import plot_report, render_report
 from .report import build_report
+from .sequential import DEFAULT_MIXING_SD
 
 if TYPE_CHECKING:
     from registry.models import ExperimentView
     from registry.service import Registry
-
 
 
 def _open_registry(url: str | None) -> Registry:
@@ -228,7 +228,7 @@ def stop_command(name: str, winner: int | None, actor: str | None, registry_url:
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
-    help="Outcomes each arm needs before a winner is called.",
+    help="Samples of the analysis unit (users, or requests) each arm needs before a winner is called.",
 )
 @click.option(
     "--alpha",
@@ -239,10 +239,27 @@ def stop_command(name: str, winner: int | None, actor: str | None, registry_url:
 )
 @click.option(
     "--unit",
-    type=click.Choice(["request", "user"]),
-    default="request",
+    type=click.Choice(["auto", "user", "request"]),
+    default="auto",
     show_default=True,
-    help="Analysis unit: every request with an outcome, or one mean per user (robust to heavy users).",
+    help="Analysis unit. user: one mean per user (assignment is sticky per user; a request without a "
+    "user id is a unit of its own); request: every request with an outcome, anti-conservative when users "
+    "send several; auto: user when any request has a user id, else request.",
+)
+@click.option(
+    "--verdict",
+    type=click.Choice(["sequential", "fixed"]),
+    default="sequential",
+    show_default=True,
+    help="What decides 'significant'. sequential: always-valid mSPRT, safe to check every hour and stop "
+    "at the first 'significant'; fixed: the z/Welch test, valid for one look at a size planned in advance.",
+)
+@click.option(
+    "--mixing-sd",
+    type=click.FloatRange(0, min_open=True),
+    default=DEFAULT_MIXING_SD,
+    show_default=True,
+    help="mSPRT mixing standard deviation, in per-unit standard deviations (the effect size it is tuned to).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @registry_url_option
@@ -252,17 +269,27 @@ def report_command(
     min_samples: int,
     alpha: float,
     unit: str,
+    verdict: str,
+    mixing_sd: float,
     as_json: bool,
     registry_url: str | None,
 ) -> None:
-    """Per-arm statistics, significance test, SRM check and a recommendation.
+    """Per-arm statistics, always-valid sequential test, MDE, SRM check and a recommendation.
 
     EXPERIMENT is an expert name (its latest experiment) or an experiment id. Prints the tables and
     writes a PNG plot (and, with --out FILE.md, a markdown report next to it).
     """
     with user_facing_errors():
         registry = _open_registry(registry_url)
-        report = build_report(registry, experiment, min_samples=min_samples, alpha=alpha, unit=unit)
+        report = build_report(
+            registry,
+            experiment,
+            min_samples=min_samples,
+            alpha=alpha,
+            unit=unit,
+            verdict=verdict,
+            mixing_sd=mixing_sd,
+        )
     if out is not None and out.suffix.lower() != ".png":
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_report(report, markdown=True))

@@ -3,14 +3,14 @@
 This runs off the request path, on what the gateway logged through :mod:`serving.request_log`:
 :func:`build_report` joins requests with their outcomes per arm, compares every treatment arm with the
 control arm (the first arm configured, normally the current prod version) with the test that fits the
-metric (:mod:`serving.ab.stats`), checks the traffic split for sample-ratio mismatch and only then
+metric (:mod:`serving.ab.stats`, :mod:`serving.ab.sequential`), checks the traffic split for sample-ratio mismatch and only then
 recommends a winner. The report is plain data; :mod:`serving.ab.render` turns it into tables and a plot.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .assign import ABError, experiment_salt
+from .compare import Comparison, compare_arms
+from .samples import analysis_notes, latest_outcomes, unit_samples, unit_values
+from .sequential import DEFAULT_MIXING_SD
 from .stats import (
     MeanCI,
-    SignificanceResult,
     SRMResult,
     mean_confidence_interval,
     proportion_confidence_interval,
     srm_check,
-    two_proportion_z_test,
-    welch_t_test,
 )
 
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the registry's views; any object with the same fields works
 __all__ = [
     "METRICS",
     "UNITS",
+    "VERDICTS",
     "ABReport",
     "ArmStats",
     "Comparison",
@@ -45,8 +46,10 @@ __all__ = [
 ]
 
 METRICS = ("reward", "thumbs")
-UNITS = ("request", "user")
-"""Analysis units of :func:`compute_report`."""
+UNITS = ("auto", "user", "request")
+"""Analysis units of :func:`compute_report` (``auto``: ``user`` when any request has a user id)."""
+VERDICTS = ("sequential", "fixed")
+"""What decides "significant": the always-valid mSPRT (default) or the fixed-horizon test (one look only)."""
 
 
 class ExperimentRegistry(Protocol):
@@ -85,23 +88,6 @@ class ArmStats:
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """One treatment arm against the control arm."""
-
-    control: int
-    treatment: int
-    result: SignificanceResult | None
-    """None while either arm has too few outcomes to run the test at all."""
-    alpha: float
-    """Significance level after the Bonferroni correction for several treatment arms."""
-
-    @property
-    def significant(self) -> bool:
-        """True when the test ran and rejected equality at :attr:`alpha`."""
-        return self.result is not None and self.result.p_value < self.alpha
-
-
-@dataclass(frozen=True)
 class Recommendation:
     """What to do next, and why."""
 
@@ -131,8 +117,14 @@ class ABReport:
     recommendation: Recommendation
     min_samples: int
     alpha: float
-    unit: str = "request"
-    """Analysis unit: ``request`` or ``user`` (see :func:`compute_report`)."""
+    unit: str = "user"
+    """Analysis unit used: ``user`` or ``request`` (see :func:`compute_report`)."""
+    verdict: str = "sequential"
+    """``sequential`` (always-valid mSPRT) or ``fixed`` (fixed-horizon test, valid for one look only)."""
+    mixing_sd: float = DEFAULT_MIXING_SD
+    """mSPRT mixing standard deviation, in pooled per-unit standard deviations."""
+    notes: list[str] = field(default_factory=list)
+    """Caveats of this analysis (e.g. that per-request p-values are anti-conservative)."""
     other_requests: int = 0
     """Requests logged under the experiment on a version that is not an arm (left out; should be 0)."""
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -157,37 +149,6 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _latest_outcomes(outcomes: Iterable[OutcomeRecord], metric: str) -> dict[str, float]:
-    """request_id → the value of its latest outcome for ``metric`` (feedback may be corrected)."""
-    latest: dict[str, tuple[datetime, float]] = {}
-    for outcome in outcomes:
-        raw = outcome.reward if metric == "reward" else outcome.thumbs
-        if raw is None:
-            continue
-        value = float(raw)
-        if metric == "reward" and not math.isfinite(value):
-            continue
-        seen = latest.get(outcome.request_id)
-        if seen is None or outcome.created_at >= seen[0]:
-            latest[outcome.request_id] = (outcome.created_at, value)
-    return {request_id: value for request_id, (_, value) in latest.items()}
-
-
-def _outcome_values(
-    requests: list[RequestRecord], outcome_by_request: dict[str, float], unit: str
-) -> list[float]:
-    """The samples an arm is judged on: one per request with an outcome, or one mean per user."""
-    if unit == "request":
-        return [outcome_by_request[r.request_id] for r in requests if r.request_id in outcome_by_request]
-    per_unit: dict[str, list[float]] = {}
-    for request in requests:
-        if request.request_id in outcome_by_request:
-            # Requests without a user are their own unit: they were assigned one by one.
-            key = f"user:{request.user}" if request.user else f"request:{request.request_id}"
-            per_unit.setdefault(key, []).append(outcome_by_request[request.request_id])
-    return [float(np.mean(samples)) for samples in per_unit.values()]
 
 
 def _arm_stats(
@@ -223,23 +184,6 @@ def _arm_stats(
         metric=metric_ci,
         shadow=shadow,
     )
-
-
-def _compare(
-    control: int,
-    treatment: int,
-    values: dict[int, list[float]],
-    proportions: bool,
-    alpha: float,
-    confidence: float,
-) -> Comparison:
-    a, b = values[control], values[treatment]
-    result: SignificanceResult | None = None
-    if proportions and a and b:
-        result = two_proportion_z_test(int(sum(a)), len(a), int(sum(b)), len(b), confidence)
-    elif not proportions and len(a) >= 2 and len(b) >= 2:
-        result = welch_t_test(a, b, confidence)
-    return Comparison(control, treatment, result, alpha)
 
 
 def _recommend(
@@ -278,12 +222,15 @@ def _recommend(
         best = max(better, key=lambda c: c.result.difference if c.result else 0.0)
         assert best.result is not None
         ref = next(arm.ref for arm in arms if arm.version == best.treatment)
+        low, high = best.interval
+        kind = "confidence sequence" if best.verdict == "sequential" else "CI"
+        which = "always-valid p" if best.verdict == "sequential" else "p"
         return Recommendation(
             "winner",
             best.treatment,
             (
                 f"{ref} beats {control.ref} on {label} by {best.result.difference:+.4g} "
-                f"(CI {best.result.ci_low:+.4g} to {best.result.ci_high:+.4g}, p={best.result.p_value:.2g}); "
+                f"({kind} {low:+.4g} to {high:+.4g}, {which}={best.p_value:.2g}); "
                 f"promote it with `moea ab stop {control.ref.rsplit('@', 1)[0]} --winner {best.treatment}`."
             ),
         )
@@ -293,20 +240,32 @@ def _recommend(
             control.version,
             (f"Keep {control.ref}: every significantly different arm is worse on {label}."),
         )
-    p_values = ", ".join(f"p={c.result.p_value:.2g}" for c in comparisons if c.result is not None)
+    which = "always-valid p" if comparisons and comparisons[0].verdict == "sequential" else "p"
+    p_values = ", ".join(f"{which}={c.p_value:.2g}" for c in comparisons if c.result is not None)
+    mdes = ", ".join(
+        f"±{c.mde_sequential if c.verdict == 'sequential' else c.mde:.3g}"
+        for c in comparisons
+        if math.isfinite(c.mde)
+    )
+    detectable = f"; so far only differences beyond about {mdes} would show" if mdes else ""
     return Recommendation(
         "no-difference",
         None,
-        (f"No significant difference on {label} ({p_values}); keep {control.ref} or collect more data."),
+        (
+            f"No significant difference on {label} ({p_values}{detectable}); "
+            f"keep {control.ref} or collect more data."
+        ),
     )
 
 
-def _check_report_settings(experiment: ExperimentView, unit: str) -> None:
-    """Raise :class:`ABError` unless the experiment's metric and the analysis unit are known and it has arms."""
+def _check_report_settings(experiment: ExperimentView, unit: str, verdict: str) -> None:
+    """Raise :class:`ABError` unless the metric, analysis unit and verdict are known and there are arms."""
     if experiment.metric not in METRICS:
         raise ABError(f"unknown metric {experiment.metric!r}; use one of {', '.join(METRICS)}")
     if unit not in UNITS:
         raise ABError(f"unknown analysis unit {unit!r}; use one of {', '.join(UNITS)}")
+    if verdict not in VERDICTS:
+        raise ABError(f"unknown verdict {verdict!r}; use one of {', '.join(VERDICTS)}")
     if not experiment.arms:
         raise ABError(f"experiment {experiment.id} has no arms")
 
@@ -375,36 +334,53 @@ def compute_report(
     min_samples: int = 100,
     alpha: float = 0.05,
     confidence: float = 0.95,
-    unit: str = "request",
+    unit: str = "auto",
+    verdict: str = "sequential",
+    mixing_sd: float = DEFAULT_MIXING_SD,
 ) -> ABReport:
     """The A/B report of ``experiment`` from its logged requests and outcomes (pure, no I/O).
 
-    ``unit="request"`` judges every request with an outcome as one sample (thumbs: two-proportion
-    z-test; reward: Welch). ``unit="user"`` first averages each user's outcomes (requests without a
-    user count alone) and runs Welch's test on those means for either metric: users are assigned
-    once, so their requests are not independent samples, and heavy users would otherwise make
-    differences look more certain than they are. ``min_samples`` counts samples of the chosen unit.
+    ``unit="user"`` (what ``auto`` picks as soon as any request carries a user id) first averages
+    each user's outcomes and compares those means with Welch's test, for either metric: a user is
+    assigned once and stays on the arm, so the requests of one user are not independent samples, and
+    heavy users would make differences look far more certain than they are. A request without a user
+    id was assigned by a draw of its own and counts as one unit. ``unit="request"`` judges every
+    request as one sample (thumbs: two-proportion z-test; reward: Welch) and is anti-conservative
+    whenever users send several requests (the report says so in :attr:`ABReport.notes`).
+    ``min_samples`` counts samples of the chosen unit.
+
+    ``verdict="sequential"`` (default) calls a difference significant by the always-valid mSPRT
+    (:mod:`serving.ab.sequential`) replayed over the outcomes as they arrived, so looking at the report
+    every hour and stopping at the first "significant" keeps the error rate at ``alpha``;
+    ``verdict="fixed"`` uses the fixed-horizon test, valid only for a single look at a planned size.
+    Both are always computed, with the minimum detectable effects of each at the current sample.
 
     Shadow copies get a row of their own; requests on a version that is not an arm are only counted
     (:attr:`ABReport.other_requests`). The split is checked on assignment units (users plus anonymous
-    requests), for the same reason. Treatment arms are compared with the control at ``alpha`` divided
-    by the number of treatments (Bonferroni).
+    requests). Treatment arms are compared with the control at ``alpha`` divided by the number of
+    treatments (Bonferroni).
     """
-    _check_report_settings(experiment, unit)
+    _check_report_settings(experiment, unit, verdict)
     metric, expert = experiment.metric, experiment.expert
-    proportions = metric == "thumbs" and unit == "request"
     arm_versions = [int(arm.version) for arm in experiment.arms]
     by_version, shadow_requests, other_requests = _split_requests(requests, arm_versions)
-    outcome_by_request = _latest_outcomes(outcomes, metric)
-    values = {v: _outcome_values(by_version[v], outcome_by_request, unit) for v in arm_versions}
+    if unit == "auto":
+        unit = "user" if any(r.user for v in arm_versions for r in by_version[v]) else "request"
+    proportions = metric == "thumbs" and unit == "request"
+    outcome_by_request = latest_outcomes(outcomes, metric)
+    samples = {v: unit_samples(by_version[v], outcome_by_request, unit) for v in arm_versions}
+    values = {v: unit_values(samples[v]) for v in arm_versions}
     arms = _configured_arm_stats(experiment, by_version, values, proportions, confidence)
     shadow = _shadow_stats(experiment, shadow_requests, proportions, confidence)
     corrected_alpha = alpha / max(1, len(arms) - 1)
     comparisons = [
-        _compare(arm_versions[0], v, values, proportions, corrected_alpha, confidence)
+        compare_arms(
+            arm_versions[0], v, samples, proportions, corrected_alpha, confidence, verdict, mixing_sd
+        )
         for v in arm_versions[1:]
     ]
     srm = srm_check([arm.units for arm in arms], [float(arm.weight) for arm in experiment.arms])
+    arm_requests = [r for v in arm_versions for r in by_version[v]]
     return ABReport(
         experiment_id=int(experiment.id),
         expert=expert,
@@ -422,6 +398,9 @@ def compute_report(
         min_samples=min_samples,
         alpha=alpha,
         unit=unit,
+        verdict=verdict,
+        mixing_sd=mixing_sd,
+        notes=analysis_notes(arm_requests, outcome_by_request, unit, verdict),
         other_requests=other_requests,
     )
 
@@ -433,12 +412,22 @@ def build_report(
     min_samples: int = 100,
     alpha: float = 0.05,
     confidence: float = 0.95,
-    unit: str = "request",
+    unit: str = "auto",
+    verdict: str = "sequential",
+    mixing_sd: float = DEFAULT_MIXING_SD,
 ) -> ABReport:
     """Load an experiment (expert name → its latest experiment, or an id) and report on it."""
     experiment = registry.get_experiment(expert_or_experiment)
     requests = registry.experiment_requests(experiment.id)
     outcomes = registry.experiment_outcomes(experiment.id)
     return compute_report(
-        experiment, requests, outcomes, min_samples=min_samples, alpha=alpha, confidence=confidence, unit=unit
+        experiment,
+        requests,
+        outcomes,
+        min_samples=min_samples,
+        alpha=alpha,
+        confidence=confidence,
+        unit=unit,
+        verdict=verdict,
+        mixing_sd=mixing_sd,
     )

@@ -44,6 +44,7 @@ __all__ = [
     "msprt_log_likelihood_ratio",
     "sequential_minimum_detectable_effect",
     "sequential_test",
+    "welch_looks",
 ]
 
 DEFAULT_MIXING_SD = 0.2
@@ -164,3 +165,61 @@ def sequential_test(
         looks=int(d.size),
         min_units=min_units,
     )
+
+
+def welch_looks(
+    control: tuple[ArrayLike, ArrayLike, ArrayLike],
+    treatment: tuple[ArrayLike, ArrayLike, ArrayLike],
+    *,
+    max_looks: int = 100,
+    min_units: int = SEQUENTIAL_MIN_UNITS,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Replay the data as it arrived: difference, variance and pooled SD of unit means at each look.
+
+    Each arm is ``(unit codes, times, values)``: one entry per outcome, ``unit codes`` ints naming its
+    analysis unit (a user, or the request itself). At a look at time ``t`` a unit's value is the mean of
+    its outcomes up to ``t``. Looks are the last outcome time and up to ``max_looks`` evenly spaced
+    (by outcome count) times before it; only looks with ``min_units`` units in both arms are returned.
+    More looks never hurt validity (the mSPRT allows continuous monitoring); they only let the running
+    minimum of the p-value see evidence that was there earlier.
+    """
+    arms = [tuple(np.asarray(x) for x in arm) for arm in (control, treatment)]
+    all_times = np.sort(np.concatenate([arm[1] for arm in arms]).astype(float))
+    if all_times.size == 0:
+        empty = np.empty(0)
+        return empty, empty, empty
+    picks = np.ceil(np.linspace(0, all_times.size - 1, min(max_looks, all_times.size))).astype(int)
+    checkpoints = np.unique(all_times[picks])
+    moments = [
+        _unit_moments_at(codes, times.astype(float), values.astype(float), checkpoints)
+        for codes, times, values in arms
+    ]
+    (n_a, mean_a, var_a), (n_b, mean_b, var_b) = moments
+    with np.errstate(divide="ignore", invalid="ignore"):
+        difference = mean_b - mean_a
+        variance = var_a / n_a + var_b / n_b
+        pooled = np.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))
+    ready = (n_a >= max(min_units, 2)) & (n_b >= max(min_units, 2))
+    return difference[ready], variance[ready], pooled[ready]
+
+
+def _unit_moments_at(
+    codes: NDArray, times: NDArray[np.float64], values: NDArray[np.float64], checkpoints: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Number of units, mean and sample variance of the unit means, at each checkpoint time."""
+    order = np.argsort(times, kind="stable")
+    _, codes = np.unique(np.asarray(codes)[order], return_inverse=True)
+    times, values = times[order], values[order]
+    ends = np.searchsorted(times, checkpoints, side="right")
+    n, mean, var = (np.full(checkpoints.size, np.nan) for _ in range(3))
+    size = int(codes.max()) + 1 if codes.size else 0
+    for index, end in enumerate(ends):
+        counts = np.bincount(codes[:end], minlength=size)
+        seen = counts > 0
+        unit_means = np.bincount(codes[:end], values[:end], minlength=size)[seen] / counts[seen]
+        n[index] = unit_means.size
+        if unit_means.size:
+            mean[index] = unit_means.mean()
+        if unit_means.size > 1:
+            var[index] = unit_means.var(ddof=1)
+    return n, mean, var

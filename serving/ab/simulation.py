@@ -154,7 +154,9 @@ def _monitored(s: SimulationSettings, log: dict[str, np.ndarray]) -> dict[str, n
         ready = (n >= s.min_units).all(axis=1)
         log_lr = np.where(ready, msprt_log_likelihood_ratio(d, v, tau * tau), -np.inf)
         log_lr = np.nan_to_num(log_lr, nan=-np.inf)
-        first_sequential = np.where((log_lr >= threshold) & (first_sequential == s.looks), look, first_sequential)
+        first_sequential = np.where(
+            (log_lr >= threshold) & (first_sequential == s.looks), look, first_sequential
+        )
         peeked = ready & (p < s.alpha)
         first_peek = np.where(peeked & (first_peek == s.looks), look, first_peek)
     return {"sequential": first_sequential, "per_user_peeking": first_peek}

@@ -116,7 +116,7 @@ def test_report_refuses_a_winner_with_few_outcomes(url: str, tmp_path: Path) -> 
     log_traffic(url, experiment_id, users=40, mean_reward={1: 0.2, 2: 0.9})
     result = ab("report", "summarize", "--out", str(tmp_path / "small.md"))
     assert result.exit_code == 0
-    assert "Keep running: no winner before 100 outcomes per arm" in " ".join(result.output.split())
+    assert "Keep running: no winner before 100 users with outcomes per arm" in " ".join(result.output.split())
 
 
 def test_stop_without_winner_keeps_prod(url: str) -> None:

@@ -22,7 +22,7 @@ def test_report_per_arm_numbers() -> None:
     requests.append(RequestRecord("anon-1", T0, exp.expert, 3, exp.id, None, True, 500.0, 5, 5, 500))
     outcomes.append(OutcomeRecord("anon-1", T0, reward=0.0))
     outcomes.append(OutcomeRecord("anon-1", T0 + timedelta(minutes=1), reward=1.0))
-    report = compute_report(exp, requests, outcomes, min_samples=10)
+    report = compute_report(exp, requests, outcomes, min_samples=10, unit="request")
     control = report.arms[0]
     mine = [r for r in requests if r.version == 3]
     assert control.ref == "summarize@3" and control.weight == 0.5
@@ -45,10 +45,10 @@ def test_recommendation_refuses_before_minimum_sample() -> None:
     exp = experiment([(3, 50), (4, 50)])
     requests, outcomes = synthetic_log(exp, 30, {3: 0.3, 4: 0.9}, requests_per_user=1)
     report = compute_report(exp, requests, outcomes, min_samples=100)
-    assert report.comparisons[0].significant  # the effect is obvious…
+    assert report.comparisons[0].fixed_significant  # the effect is obvious to a one-look test…
     assert report.recommendation.decision == "insufficient-data"  # …but the sample is too small
     assert report.recommendation.winner is None
-    assert "100 outcomes per arm" in report.recommendation.text
+    assert "100 users with outcomes per arm" in report.recommendation.text
 
 
 def test_recommendation_calls_a_winner_with_enough_data() -> None:
@@ -66,7 +66,7 @@ def test_recommendation_calls_a_winner_with_enough_data() -> None:
 def test_thumbs_metric_uses_two_proportion_z_test() -> None:
     exp = experiment([(3, 50), (4, 50)], metric="thumbs")
     requests, outcomes = synthetic_log(exp, 800, {3: 0.45, 4: 0.60})
-    report = compute_report(exp, requests, outcomes, min_samples=50)
+    report = compute_report(exp, requests, outcomes, min_samples=50, unit="request")
     result = report.comparisons[0].result
     assert result is not None and result.test == "two-proportion z"
     control_rate = report.arms[0].metric.mean
@@ -121,8 +121,8 @@ def test_per_user_analysis_is_not_fooled_by_one_heavy_user() -> None:
             RequestRecord(request_id, T0, exp.expert, 4, exp.id, heavy, False, 100.0, 20, 30, 200)
         )
         outcomes.append(OutcomeRecord(request_id, T0, reward=0.9))
-    per_request = compute_report(exp, requests, outcomes, min_samples=50)
-    per_user = compute_report(exp, requests, outcomes, min_samples=50, unit="user")
+    per_request = compute_report(exp, requests, outcomes, min_samples=50, unit="request")
+    per_user = compute_report(exp, requests, outcomes, min_samples=50)  # the default unit: user
     assert per_request.recommendation.decision == "winner"
     assert per_user.recommendation.decision == "no-difference"
     assert per_user.arms[1].metric.n == per_user.arms[1].users  # one sample per user
