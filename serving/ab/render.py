@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .report import ABReport
+from .sequential import SEQUENTIAL_MIN_UNITS
 from .stats import MeanCI
 
 if TYPE_CHECKING:
@@ -59,10 +60,18 @@ def _arm_rows(report: ABReport) -> list[list[str]]:
 def _comparison_rows(report: ABReport) -> list[list[str]]:
     rows = []
     for comparison in report.comparisons:
-        result = comparison.result
+        result, sequential = comparison.result, comparison.sequential
         name = f"{report.expert}@{comparison.treatment} vs @{comparison.control}"
+        mde = f"±{_fmt(comparison.mde, 3)} / ±{_fmt(comparison.mde_sequential, 3)}"
+        if sequential is None:
+            always_valid = ["–", f"waiting for {SEQUENTIAL_MIN_UNITS} units per arm"]
+        else:
+            always_valid = [
+                f"{sequential.p_value:.3g}",
+                f"[{sequential.ci_low:+.4g}, {sequential.ci_high:+.4g}] ({sequential.looks} looks)",
+            ]
         if result is None:
-            rows.append([name, "–", "not enough outcomes", "–", "–", "no"])
+            rows.append([name, "–", "not enough outcomes", "–", *always_valid, mde, "–", "no"])
             continue
         rows.append(
             [
@@ -71,6 +80,8 @@ def _comparison_rows(report: ABReport) -> list[list[str]]:
                 f"{result.test}: {_fmt(result.statistic, 4)}"
                 + (f" (df {result.df:.1f})" if result.df else ""),
                 f"{result.p_value:.3g}",
+                *always_valid,
+                mde,
                 f"{comparison.alpha:.3g}",
                 "yes" if comparison.significant else "no",
             ]
@@ -93,7 +104,34 @@ ARM_HEADERS = [
     "Outcomes",
     "Mean [95% CI]",
 ]
-COMPARISON_HEADERS = ["Comparison", "Difference [95% CI]", "Test", "p", "alpha", "Significant"]
+COMPARISON_HEADERS = [
+    "Comparison",
+    "Difference [95% CI]",
+    "Test",
+    "p (one look)",
+    "Always-valid p",
+    "Confidence sequence",
+    "MDE now (fixed / seq.)",
+    "alpha",
+    "Significant",
+]
+
+
+def _method_line(report: ABReport) -> str:
+    """How the comparison was made: the unit, the verdict and the MDE's terms."""
+    unit = (
+        "per user (each user's mean outcome is one sample; a request without a user id is its own unit)"
+        if report.unit == "user"
+        else "per request (every outcome is one sample)"
+    )
+    if report.verdict == "sequential":
+        verdict = (
+            f"Significant = always-valid p < alpha (mSPRT, normal mixture, mixing sd {report.mixing_sd:g} per-unit "
+            "SD): safe to check at any time and stop at the first 'significant'"
+        )
+    else:
+        verdict = "Significant = fixed-horizon p < alpha: valid for a single look at a planned sample size"
+    return f"Analysis {unit}. {verdict}. MDE: smallest difference found with power 0.8 at the current sample."
 
 
 def _summary_lines(report: ABReport) -> list[str]:
@@ -109,7 +147,7 @@ def _summary_lines(report: ABReport) -> list[str]:
         srm_line += f"; {report.other_requests} requests on versions outside the arms were left out"
     return [
         f"Experiment {report.experiment_id} on {report.expert} ({status}; started {started}; "
-        f"metric {report.metric} per {report.unit}; salt {report.salt!r})",
+        f"metric {report.metric} per {report.unit}; verdict {report.verdict}; salt {report.salt!r})",
         srm_line,
         f"Recommendation: {report.recommendation.text}",
     ]
@@ -128,6 +166,8 @@ def render_report(report: ABReport, *, markdown: bool = False, width: int = 160)
         parts = [f"## A/B report: {title}", _markdown_table(ARM_HEADERS, _arm_rows(report))]
         if report.comparisons:
             parts.append(_markdown_table(COMPARISON_HEADERS, _comparison_rows(report)))
+            parts.append(_method_line(report))
+        parts += [f"Note: {note}" for note in report.notes]
         parts += [f"**{srm_line}**" if report.srm.flagged else srm_line, f"**{recommendation}**"]
         return "\n\n".join(parts) + "\n"
 
@@ -149,6 +189,9 @@ def render_report(report: ABReport, *, markdown: bool = False, width: int = 160)
         for row in _comparison_rows(report):
             tests_table.add_row(*row)
         console.print(tests_table)
+        console.print(_method_line(report), soft_wrap=True)
+    for note in report.notes:
+        console.print(f"Note: {note}", soft_wrap=True)
     console.print(srm_line, soft_wrap=True)
     console.print(recommendation, soft_wrap=True)
     return buffer.getvalue()

@@ -156,3 +156,21 @@ def test_second_start_conflicts_and_wrong_winner_is_refused(url: str) -> None:
     with Registry(url) as registry:
         running = registry.active_experiment("summarize")
         assert running is not None and running.shadow_version == 3
+
+
+def test_report_unit_and_verdict_options(url: str, tmp_path: Path) -> None:
+    assert ab("start", "summarize", "--arm", "1:50", "--arm", "2:50").exit_code == 0
+    experiment_id = json.loads(ab("status", "--json").output)[0]["id"]
+    log_traffic(url, experiment_id, users=300, mean_reward={1: 0.5, 2: 0.5})
+    default = json.loads(ab("report", "summarize", "--json", "--out", str(tmp_path / "a.png")).output)
+    assert default["unit"] == "user" and default["verdict"] == "sequential"
+    comparison = default["comparisons"][0]
+    assert comparison["sequential"]["p_value"] is not None and comparison["mde"] > 0
+    assert comparison["mde_sequential"] > comparison["mde"]
+    per_request = ab(
+        "report", "summarize", "--unit", "request", "--verdict", "fixed", "--out", str(tmp_path / "b.md")
+    )
+    assert per_request.exit_code == 0, per_request.output
+    text = " ".join(per_request.output.split())
+    assert "per request" in text and "verdict fixed" in text and "Always-valid p" in text
+    assert "Fixed-horizon verdict" in text

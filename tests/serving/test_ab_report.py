@@ -138,3 +138,67 @@ def test_per_user_thumbs_uses_welch_on_user_rates() -> None:
     assert report.recommendation.winner == 4
     with pytest.raises(ABError, match="analysis unit"):
         compute_report(exp, requests, outcomes, unit="session")
+
+
+def test_report_carries_unit_sequential_verdict_and_mde() -> None:
+    exp = experiment([(3, 50), (4, 50)])
+    requests, outcomes = synthetic_log(exp, 600, {3: 0.50, 4: 0.56}, requests_per_user=3)
+    # Outcomes arrive over 60 hours, one user after the other: the sequential test replays them.
+    outcomes = [
+        OutcomeRecord(o.request_id, T0 + timedelta(minutes=6 * index), reward=o.reward)
+        for index, o in enumerate(outcomes)
+    ]
+    report = compute_report(exp, requests, outcomes, min_samples=100)
+    assert report.unit == "user" and report.verdict == "sequential" and report.notes == []
+    comparison = report.comparisons[0]
+    sequential = comparison.sequential
+    assert sequential is not None and sequential.looks > 50
+    assert sequential.p_value <= 1 / sequential.likelihood_ratio + 1e-12  # the running minimum
+    assert comparison.significant == (sequential.p_value < comparison.alpha)
+    assert sequential.ci_low <= comparison.result.difference <= sequential.ci_high  # type: ignore[union-attr]
+    assert comparison.result is not None
+    assert sequential.ci_high - sequential.ci_low > comparison.result.ci_high - comparison.result.ci_low
+    assert 0 < comparison.mde < comparison.mde_sequential < 0.2
+    as_dict = report.to_dict()
+    assert as_dict["unit"] == "user" and as_dict["verdict"] == "sequential" and as_dict["mixing_sd"] == 0.2
+    assert set(as_dict["comparisons"][0]["sequential"]) >= {
+        "p_value",
+        "ci_low",
+        "ci_high",
+        "looks",
+        "mixing_sd",
+    }
+    assert as_dict["comparisons"][0]["mde"] == pytest.approx(comparison.mde)
+    fixed = compute_report(exp, requests, outcomes, min_samples=100, verdict="fixed")
+    assert fixed.comparisons[0].significant == fixed.comparisons[0].fixed_significant
+    assert any("one look" in note for note in fixed.notes)
+    with pytest.raises(ABError, match="unknown verdict"):
+        compute_report(exp, requests, outcomes, verdict="bayes")
+
+
+def test_request_unit_says_it_is_anti_conservative() -> None:
+    exp = experiment([(3, 50), (4, 50)])
+    requests, outcomes = synthetic_log(exp, 200, {3: 0.5, 4: 0.5}, requests_per_user=4)
+    report = compute_report(exp, requests, outcomes, unit="request")
+    assert report.unit == "request" and report.arms[0].metric.n == report.arms[0].requests
+    assert any("anti-conservative" in note for note in report.notes)
+    assert "anti-conservative" in render_report(report) and "anti-conservative" in render_report(
+        report, markdown=True
+    )
+
+
+def test_requests_without_a_user_are_units_of_their_own() -> None:
+    exp = experiment([(3, 50), (4, 50)])
+    requests, outcomes = synthetic_log(exp, 100, {3: 0.5, 4: 0.5}, requests_per_user=1)
+    anonymous = [
+        RequestRecord(f"anon-{i}", T0, exp.expert, 3 + i % 2, exp.id, None, False, 100.0, 20, 30, 200)
+        for i in range(40)
+    ]
+    anonymous_outcomes = [OutcomeRecord(r.request_id, T0, reward=0.5) for r in anonymous]
+    mixed = compute_report(exp, requests + anonymous, outcomes + anonymous_outcomes)
+    assert mixed.unit == "user"
+    assert [arm.metric.n for arm in mixed.arms] == [arm.users + 20 for arm in mixed.arms]
+    assert any("40 outcomes of requests without a user id count as one unit each" in n for n in mixed.notes)
+    only_anonymous = compute_report(exp, anonymous, anonymous_outcomes)
+    assert only_anonymous.unit == "request"  # auto: nobody is sticky, every request is independent
+    assert only_anonymous.arms[0].metric.n == 20
