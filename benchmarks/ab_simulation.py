@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     power = results["power_reward_400_users_+0.05"]["rejection_rate"]
     summaries = [
         summary(
-            "false-positive rate under hourly peeking (50 looks), 400 sticky heavy-tailed users",
+            "false-positive rate under hourly peeking (50 looks), 400 sticky heavy-tailed users; met: ≤ 0.05 "
+            "in every null scenario",
             "sequential mSPRT per user",
             null["sequential"],
             null["per_request"],
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline_name="old per-request test, one look",
         ),
         summary(
-            "false-positive rate at the planned end, 400 sticky heavy-tailed users",
+            "false-positive rate at the planned end, 400 sticky heavy-tailed users; met: ≤ 0.06 in every null "
+            "scenario",
             "per-user Welch",
             null["per_user"],
             null["per_request"],
@@ -113,14 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             baseline_name="per-user Welch at the planned end",
         ),
     ]
+    # The targets are bounds on a rate, not ratios: met is set here (see benchmarks/README.md).
     summaries[0]["met"] = all(
         r["rejection_rate"]["sequential"] <= 0.05 for k, r in results.items() if "null" in k
     )
     summaries[1]["met"] = all(
         r["rejection_rate"]["per_user"] <= 0.06 for k, r in results.items() if "null" in k
     )
-    summaries[0]["target"] = "≤ 0.05"
-    summaries[1]["target"] = "≤ 0.06"
     path = write_result(
         "ab_simulation",
         {
