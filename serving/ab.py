@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from scipy import stats
 
+from registry.experiment_metrics import EXPERIMENT_METRICS as METRICS
+
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
     from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 
@@ -66,7 +68,6 @@ NUM_BUCKETS = 10_000
 SRM_ALPHA = 0.001
 """Sample-ratio mismatch is flagged below this p-value (the usual, deliberately strict threshold)."""
 
-METRICS = ("reward", "thumbs")
 UNITS = ("request", "user")
 """Analysis units of :func:`compute_report`."""
 
