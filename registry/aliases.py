@@ -1,4 +1,4 @@
-"""Aliases: movable names (`prod`, `canary`, …) pointing at versions, every move kept in an append-only history."""
+"""Aliases: movable names (`prod`, `canary`, …) pointing at versions; every move is kept in a history."""
 
 from __future__ import annotations
 

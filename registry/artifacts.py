@@ -28,7 +28,7 @@ def artifact_row(session: Session, tree: Tree, kind: str) -> Artifact:
 
 
 class ArtifactTrees:
-    """File lists of artifacts by sha256, read from the database once per process (artifacts are immutable)."""
+    """File lists of artifacts by sha256, each read once per process (artifacts are immutable)."""
 
     def __init__(self) -> None:
         self._cache: dict[str, Tree] = {}

@@ -1,4 +1,4 @@
-"""A/B experiments: start, stop (optionally promoting the winner) and read them; at most one runs per expert."""
+"""A/B experiments: start, stop (optionally promoting the winner) and read; at most one runs per expert."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Registering a run dir: every expert becomes a new immutable version, plus the run's router, in one transaction.
+"""Registering a run dir: each expert becomes a new immutable version, plus the router, in one transaction.
 
 Version numbers are assigned inside the write transaction that inserts them (UNIQUE(expert, version)
 backs this up); artifacts are copied into the content-addressed store *before* that transaction and

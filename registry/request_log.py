@@ -1,4 +1,4 @@
-"""The request log and outcomes the gateway writes in batches, and their reads per experiment for A/B reports."""
+"""The request log and outcomes the gateway writes in batches, and their reads per A/B experiment."""
 
 from __future__ import annotations
 

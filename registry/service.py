@@ -144,7 +144,7 @@ class Registry:
         """Undo `archive` for `name@version`."""
         return archiving.restore(self.engine, ref, actor)
 
-    # ------------------------------------------------------------------------------ diff / verify / gc / transfer
+    # ------------------------------------------------------------------ diff / verify / gc / transfer
 
     def diff(self, ref_a: str, ref_b: str) -> VersionDiff:
         """Metrics, config and file-hash differences between two versions (any experts)."""
