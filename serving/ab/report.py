@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from registry.experiment_metrics import EXPERIMENT_METRICS
+
 from .assign import ABError, experiment_salt
 from .stats import (
     MeanCI,
@@ -33,7 +35,6 @@ if TYPE_CHECKING:  # the registry's views; any object with the same fields works
     from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 
 __all__ = [
-    "METRICS",
     "UNITS",
     "ABReport",
     "ArmStats",
@@ -44,7 +45,6 @@ __all__ = [
     "compute_report",
 ]
 
-METRICS = ("reward", "thumbs")
 UNITS = ("request", "user")
 """Analysis units of :func:`compute_report`."""
 
@@ -303,8 +303,8 @@ def _recommend(
 
 def _check_report_settings(experiment: ExperimentView, unit: str) -> None:
     """Raise :class:`ABError` unless the experiment's metric and the analysis unit are known and it has arms."""
-    if experiment.metric not in METRICS:
-        raise ABError(f"unknown metric {experiment.metric!r}; use one of {', '.join(METRICS)}")
+    if experiment.metric not in EXPERIMENT_METRICS:
+        raise ABError(f"unknown metric {experiment.metric!r}; use one of {', '.join(EXPERIMENT_METRICS)}")
     if unit not in UNITS:
         raise ABError(f"unknown analysis unit {unit!r}; use one of {', '.join(UNITS)}")
     if not experiment.arms:
