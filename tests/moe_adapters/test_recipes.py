@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from moe_adapters import train as train_module
 from moe_adapters.config import ConfigError, load_mixture
-from moe_adapters.evaluate import EvalSettings, _Case, _plan, _router_report
+from moe_adapters.eval_plan import plan_requests
+from moe_adapters.eval_scoring import router_report
+from moe_adapters.eval_types import EvalCase, EvalSettings
 from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
 from moe_adapters.train import train_mixture
 
@@ -77,15 +79,17 @@ def test_recipe_settings_are_validated(overrides: dict, message: str) -> None:
 
 def test_eval_scores_oracle_with_the_serving_adapter() -> None:
     cases = [
-        _Case("math", "math", "1+1?", [], "2", False),
-        _Case("tone", "classification", "ok", [], "x", False),
+        EvalCase("math", "math", "1+1?", [], "2", False),
+        EvalCase("tone", "classification", "ok", [], "x", False),
     ]
     experts = {"math": Path("m"), "shared": Path("s")}  # tone lost to shared
     serving = {"math": "math", "tone": "shared"}
-    plan = _plan(cases, ["math", "shared"], experts, None, EvalSettings(systems=("oracle", "moe")), serving)
+    plan = plan_requests(
+        cases, ["math", "shared"], experts, None, EvalSettings(systems=("oracle", "moe")), serving
+    )
     assert [plan.requests[i] for i in plan.systems["oracle"]] == [("math", 0), ("shared", 1)]
     assert plan.systems["moe"] == plan.systems["oracle"]
-    assert _router_report(cases, ["math", "shared"], sorted(experts), serving)["accuracy"] == 1.0
+    assert router_report(cases, ["math", "shared"], sorted(experts), serving)["accuracy"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ tiny runs
