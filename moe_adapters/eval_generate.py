@@ -125,5 +125,6 @@ if __name__ == "__main__":
         _worker(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         sys.exit(
-            "usage: python -m moe_adapters.eval_generate --worker SPEC.json OUT.json (internal; use `moea eval`)"
+            "usage: python -m moe_adapters.eval_generate --worker SPEC.json OUT.json "
+            "(internal; use `moea eval`)"
         )

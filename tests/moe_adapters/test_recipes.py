@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_adapters import train as train_module
+from moe_adapters import shared_phase, train_loop
 from moe_adapters.config import ConfigError, load_mixture
 from moe_adapters.eval_plan import plan_requests
 from moe_adapters.eval_scoring import router_report
@@ -112,7 +112,7 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     from registry.rundir import read_run_dir
 
     at_switch: dict[str, dict[str, torch.Tensor]] = {}
-    real_end, real_decide = train_module.end_shared_phase, train_module.keep_if_better
+    real_end, real_decide = train_loop.end_shared_phase, shared_phase.keep_if_better
 
     def end_and_capture(trainer):
         message = real_end(trainer)
@@ -127,8 +127,8 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     def sentiment_loses(expert_losses, shared_losses):  # the real rule, with the shared adapter made to win
         return real_decide(expert_losses, {**shared_losses, "sentiment": 0.0})
 
-    monkeypatch.setattr(train_module, "end_shared_phase", end_and_capture)
-    monkeypatch.setattr(train_module, "keep_if_better", sentiment_loses)
+    monkeypatch.setattr(train_loop, "end_shared_phase", end_and_capture)
+    monkeypatch.setattr(shared_phase, "keep_if_better", sentiment_loses)
     router = {
         "router.enabled": True,
         "router.encoder": "minilm",
@@ -169,7 +169,7 @@ def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch)
     overrides = {"train.checkpoint_every": 3}  # checkpoint at step 3 (warm-up), crash at step 5 (experts)
     reference = _run(tmp_path / "reference", **overrides)
 
-    real_step, calls = train_module.train_step, []
+    real_step, calls = train_loop.train_step, []
 
     def crash_at_fifth_step(trainer):
         calls.append(trainer.global_step)
@@ -177,10 +177,10 @@ def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch)
             raise _Crash
         return real_step(trainer)
 
-    monkeypatch.setattr(train_module, "train_step", crash_at_fifth_step)
+    monkeypatch.setattr(train_loop, "train_step", crash_at_fifth_step)
     with pytest.raises(_Crash):
         _run(tmp_path / "resumed", **overrides)
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(train_loop, "train_step", real_step)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     resumed = train_mixture(
         MIXTURE, tmp_path / "resumed", resume=True, overrides={**RECIPE, **overrides}, progress=False
