@@ -187,7 +187,7 @@ def run_baseline(mixture: Path, steps: dict[str, int], workdir: Path) -> SideRes
     from moe_adapters.base_model import resolve_base_model
     from moe_adapters.config import load_mixture
     from moe_adapters.data import collate, load_mixture_data
-    from moe_adapters.train import pick_device
+    from moe_adapters.hardware import pick_device
 
     hf_logging.disable_progress_bar()
     config = load_mixture(mixture)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .evaluate import GENERATED_SYSTEMS as _SYSTEMS
+from .eval_types import GENERATED_SYSTEMS as _SYSTEMS
 
 
 @click.command("eval")
@@ -77,7 +77,10 @@ def eval_command(
 
     With --expert TASK=REF, registered versions replace the run's experts (compare two evals with --compare).
     """
-    from .evaluate import EvalSettings, compare_markdown, evaluate_run, load_eval
+    from .eval_output import load_eval
+    from .eval_report import compare_markdown
+    from .eval_types import EvalSettings
+    from .evaluate import evaluate_run
 
     if compare:
         a, b = (load_eval(p) for p in compare)
