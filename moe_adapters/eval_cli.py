@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from registry.cli import registry_url_option
+
 from .eval_types import GENERATED_SYSTEMS as _SYSTEMS
 
 
@@ -38,12 +40,7 @@ from .eval_types import GENERATED_SYSTEMS as _SYSTEMS
     help="Evaluate a registered version for TASK instead of the run's expert, e.g. math=math@2 or "
     "math=math@prod (repeatable).",
 )
-@click.option(
-    "--registry-url",
-    envvar="MOEA_REGISTRY_URL",
-    default=None,
-    help="Registry for --expert (SQLAlchemy URL; default: MOEA_REGISTRY_URL or the local one).",
-)
+@registry_url_option
 @click.option(
     "--endpoint",
     metavar="URL",
