@@ -51,7 +51,7 @@ from .recipes import read_serving
 
 if TYPE_CHECKING:
     from .config import TaskConfig
-    from .data import Row
+    from .data_rows import Row
 
 FORMAT_VERSION = 1
 OUTPUTS_NAME = "eval_outputs.jsonl"
@@ -134,7 +134,7 @@ def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = No
     """Every task's test rows, rebuilt from the run's resolved mixture.yaml (same split code as training),
     then each task's ``unseen_test_file`` rows and the mixture's ``ood_test_file`` prompts (at most
     ``max_per_task`` test and unseen rows per task)."""
-    from .config import load_mixture
+    from .config_load import load_mixture
     from .data import load_mixture_data
 
     mixture_path = run_dir / "mixture.yaml"
@@ -163,7 +163,7 @@ def _ood_cases(path: Path | None) -> list[_Case]:
     """The mixture's out-of-distribution prompts (routed only; ``task`` = the ``category`` column or "ood")."""
     if path is None:
         return []
-    from .data import read_records
+    from .data_sources import read_records
 
     records = [r for _, r in read_records(path, text_fields=("prompt",))]
     prompts = [(str(r.get("category") or OOD), r.get("prompt")) for r in records]
@@ -386,8 +386,8 @@ def request_prompt_ids(
     specs: dict[str, PromptSpec | None],
 ) -> list[list[int]]:
     """Token ids of each (adapter, case) request: the case's client messages as the gateway would build
-    them for that adapter (:func:`moe_adapters.data.render_prompt` → prompting.expert_messages)."""
-    from .data import render_prompt
+    them for that adapter (:func:`moe_adapters.data_tokenize.render_prompt` → prompting.expert_messages)."""
+    from .data_tokenize import render_prompt
 
     return [
         tokenizer(

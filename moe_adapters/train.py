@@ -33,25 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
-from moe_adapters.config import (
-    SHARED_ADAPTER,
-    SINGLE_ADAPTER_BUDGETS,
-    MixtureConfig,
-    load_mixture,
-    mixture_yaml,
-)
-from moe_adapters.data import (
-    IGNORE_INDEX,
-    BucketBatcher,
-    Example,
-    MixtureData,
-    Row,
-    TaskData,
-    collate,
-    load_mixture_data,
-    tokenize_rows,
-    training_prompt_spec,
-)
+from moe_adapters.config import SHARED_ADAPTER, SINGLE_ADAPTER_BUDGETS, MixtureConfig
+from moe_adapters.config_load import load_mixture, mixture_yaml
+from moe_adapters.data import MixtureData, TaskData, load_mixture_data, training_prompt_spec
+from moe_adapters.data_batches import BucketBatcher, collate
+from moe_adapters.data_rows import Row
+from moe_adapters.data_tokenize import IGNORE_INDEX, Example, tokenize_rows
 from moe_adapters.recipes import (
     RECIPE_METRIC,
     format_decisions,

@@ -11,20 +11,13 @@ import pytest
 import yaml
 
 from moe_adapters.base_model import resolve_base_model
-from moe_adapters.config import DatasetSource, SplitConfig, load_mixture
-from moe_adapters.data import (
-    IGNORE_INDEX,
-    BucketBatcher,
-    DataValidationError,
-    Row,
-    collate,
-    describe_dataset_error,
-    load_mixture_data,
-    read_dataset,
-    read_saved_dataset,
-    render_prompt,
-    split_rows,
-)
+from moe_adapters.config import DatasetSource, SplitConfig
+from moe_adapters.config_load import load_mixture
+from moe_adapters.data import load_mixture_data
+from moe_adapters.data_batches import BucketBatcher, collate
+from moe_adapters.data_rows import DataValidationError, Row, split_rows
+from moe_adapters.data_sources import describe_dataset_error, read_dataset, read_saved_dataset
+from moe_adapters.data_tokenize import IGNORE_INDEX, render_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -300,7 +293,7 @@ def test_small_tasks_keep_a_training_row(n, expected):
 
 
 def test_chat_template_and_response_only_labels(tokenizer):
-    from moe_adapters.data import tokenize_rows
+    from moe_adapters.data_tokenize import tokenize_rows
     from moe_adapters.prompting import PromptSpec
 
     problems: list[str] = []
@@ -424,7 +417,7 @@ def test_long_rows_skip_and_truncate(tmp_path, tokenizer):
 
 
 def test_collate_pads_and_masks():
-    from moe_adapters.data import Example
+    from moe_adapters.data_tokenize import Example
 
     batch = collate([Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

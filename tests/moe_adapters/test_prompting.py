@@ -57,7 +57,8 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     """Training's tokens, eval's request tokens and the gateway's forwarded messages agree."""
     from transformers import AutoTokenizer
 
-    from moe_adapters.data import Row, tokenize_rows
+    from moe_adapters.data_rows import Row
+    from moe_adapters.data_tokenize import tokenize_rows
     from moe_adapters.evaluate import _Case, request_prompt_ids
     from serving.gateway import Target, upstream_body
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from moe_adapters import train as train_module
-from moe_adapters.config import ConfigError, load_mixture
+from moe_adapters.config import ConfigError
+from moe_adapters.config_load import load_mixture
 from moe_adapters.evaluate import EvalSettings, _Case, _plan, _router_report
 from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
 from moe_adapters.train import train_mixture

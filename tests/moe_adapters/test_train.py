@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from moe_adapters import train as train_module
-from moe_adapters.config import load_mixture
+from moe_adapters.config_load import load_mixture
 from moe_adapters.train import (
     TrainError,
     apply_budget,
