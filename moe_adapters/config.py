@@ -225,7 +225,7 @@ class TrainConfig:
 
 @dataclass
 class RouterSettings:
-    """Router training (``moe_adapters.router.train_router``): a small head over a frozen encoder.
+    """Router training (``moe_adapters.router_training.train_router``): a small head over a frozen encoder.
 
     ``enabled`` is read by the training pipeline only; every other field by the router.
     """

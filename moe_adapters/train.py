@@ -926,7 +926,7 @@ def train_router_for_run(
     every router label is an ``experts/`` folder (a task served by ``shared`` is routed to ``shared``).
     """
     try:
-        from moe_adapters.router import train_router
+        from moe_adapters.router_training import train_router
     except ModuleNotFoundError as exc:
         if exc.name != "moe_adapters.router":
             raise
