@@ -27,7 +27,7 @@ def load_test_cases(run_dir: Path, tokenizer: Any, max_per_task: int | None = No
     """Every task's test rows, rebuilt from the run's resolved mixture.yaml (same split code as training),
     then each task's ``unseen_test_file`` rows and the mixture's ``ood_test_file`` prompts (at most
     ``max_per_task`` test and unseen rows per task)."""
-    from .config import load_mixture
+    from .config_load import load_mixture
     from .data import load_mixture_data
 
     mixture_path = run_dir / "mixture.yaml"
@@ -56,7 +56,7 @@ def _ood_cases(path: Path | None) -> list[EvalCase]:
     """The mixture's out-of-distribution prompts (routed only; ``task`` = the ``category`` column or "ood")."""
     if path is None:
         return []
-    from .data import read_records
+    from .data_sources import read_records
 
     records = [r for _, r in read_records(path, text_fields=("prompt",))]
     prompts = [(str(r.get("category") or OOD), r.get("prompt")) for r in records]

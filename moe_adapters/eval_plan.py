@@ -73,7 +73,7 @@ def request_prompt_ids(
 ) -> list[list[int]]:
     """Token ids of each (adapter, case) request: the case's client messages as the gateway would build
     them for that adapter (:func:`moe_adapters.data.render_prompt` → prompting.expert_messages)."""
-    from .data import render_prompt
+    from .data_tokenize import render_prompt
 
     return [
         tokenizer(

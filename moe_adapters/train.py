@@ -14,7 +14,7 @@ This module sets a run up and calls the parts in order: :mod:`~moe_adapters.trai
 optimizers, batchers), :mod:`~moe_adapters.train_loop` with :mod:`~moe_adapters.train_step`,
 :mod:`~moe_adapters.shared_phase` (the shared warm-up recipe), :mod:`~moe_adapters.checkpoint` (resume),
 :mod:`~moe_adapters.train_outputs` (adapters, metrics, curves, run.json) and
-:mod:`~moe_adapters.router_training`; :mod:`~moe_adapters.hardware` picks device and threads.
+:mod:`~moe_adapters.router_step`; :mod:`~moe_adapters.hardware` picks device and threads.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 
 from moe_adapters.base_model import resolve_base_model
 from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpoint
-from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig, load_mixture, mixture_yaml
+from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
+from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
 from moe_adapters.hardware import choose_num_threads, threads_reason
 from moe_adapters.run_dir import CHECKPOINT_NAME

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256
-from moe_adapters.router_training import train_router_for_run
+from moe_adapters.router_step import train_router_for_run
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
 from moe_adapters.shared_phase import recipe_record
 from moe_adapters.train_state import ExpertState, Trainer

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from moe_adapters.config import SHARED_ADAPTER, MixtureConfig
-from moe_adapters.data import BucketBatcher, Example, MixtureData
+from moe_adapters.data import Example, MixtureData
+from moe_adapters.data_batches import BucketBatcher
 from moe_adapters.hardware import pick_device
 from moe_adapters.sampling import TaskSampler
 

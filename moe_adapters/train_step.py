@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_adapters.config import SHARED_ADAPTER
-from moe_adapters.data import IGNORE_INDEX, Example, collate
+from moe_adapters.data import Example
+from moe_adapters.data_batches import collate
+from moe_adapters.data_tokenize import IGNORE_INDEX
 from moe_adapters.train_state import ExpertState, Trainer
 
 

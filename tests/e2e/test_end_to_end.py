@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from moe_adapters.config import relocate_raw_mixture
+from moe_adapters.config_paths import relocate_raw_mixture
 from serving.demo import free_port, stop_process_group, wait_until_ready
 
 pytestmark = pytest.mark.slow

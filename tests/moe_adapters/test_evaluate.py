@@ -336,7 +336,8 @@ def _tiny_run(root: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
 
     rng = random.Random(0)
     base = resolve_base_model()

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from moe_adapters import shared_phase, train_loop
-from moe_adapters.config import ConfigError, load_mixture
+from moe_adapters.config import ConfigError
+from moe_adapters.config_load import load_mixture
 from moe_adapters.eval_plan import plan_requests
 from moe_adapters.eval_scoring import router_report
 from moe_adapters.eval_types import EvalCase, EvalSettings

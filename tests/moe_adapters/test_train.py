@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moe_adapters.config import load_mixture
+from moe_adapters.config_load import load_mixture
 from moe_adapters.train import apply_budget, single_adapter_max_steps, train_mixture
 from moe_adapters.train_state import TrainError, warmup_cosine
 

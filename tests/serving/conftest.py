@@ -103,7 +103,8 @@ class ServingAssets:
 def serving_assets(tmp_path_factory: pytest.TempPathFactory) -> ServingAssets:
     """Built once per test session (~20 s): the converted base model, adapters and a trained router."""
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
 
     base = resolve_base_model(None)
     root = tmp_path_factory.mktemp("serving-assets")

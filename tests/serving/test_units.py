@@ -183,7 +183,9 @@ class _View:
 
 @pytest.mark.slow  # trains a small router (~30 s on 2 cores)
 def test_router_runtime_batches_concurrent_requests_and_refuses_unknown_labels(tmp_path: Path) -> None:
-    from moe_adapters.router import Router, RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router import Router
+    from moe_adapters.router_training import train_router
 
     train_router(
         task_prompts(40, 0),
