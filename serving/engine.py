@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from registry.net import free_port
 
 from .cpu_lora import ENV_SWITCH as CPU_LORA_SWITCH
 from .metrics import GatewayMetrics
@@ -141,13 +142,6 @@ class EngineSettings:
     def adapter_capacity(self) -> int:
         """Adapters the engine keeps in host memory without reloading from disk."""
         return self.max_cpu_loras or self.max_loras
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on `host`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:

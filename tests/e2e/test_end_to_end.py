@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from moe_adapters.config import relocate_raw_mixture
-from moe_adapters.demo import free_port, stop_process_group, wait_until_ready
+from moe_adapters.demo import stop_process_group, wait_until_ready
+from registry.net import free_port
 
 pytestmark = pytest.mark.slow
 

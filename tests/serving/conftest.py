@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from registry.net import free_port
 
 TASKS = ("math", "sentiment")
 API_KEY = "test-key-123"
@@ -115,13 +116,6 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory) -> ServingAssets:
         build_run_dir(root / "run1", base, 1, router_dir),
         build_run_dir(root / "run2", base, 2, router_dir),
     )
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GatewayThread:
