@@ -45,6 +45,7 @@ from registry.net import free_port
 
 from .cpu_lora import ENV_SWITCH as CPU_LORA_SWITCH
 from .metrics import GatewayMetrics
+from .settings import ServeSettings
 
 log = logging.getLogger("moea.serving.engine")
 
@@ -80,15 +81,15 @@ class EngineSettings:
     """`--max-loras`: distinct adapters in one batch."""
     max_cpu_loras: int | None = None
     """`--max-cpu-loras`: adapters cached in host memory (None → vLLM's default, = max_loras)."""
-    dtype: str = "bfloat16"
+    dtype: str = ServeSettings.dtype
     """`--dtype` of the base model."""
     enforce_eager: bool = True
     """`--enforce-eager`: skip CUDA-graph capture (faster start; required on CPU)."""
-    kv_cache_gib: int | None = 2
+    kv_cache_gib: int | None = ServeSettings.kv_cache_gib
     """VLLM_CPU_KVCACHE_SPACE (GiB) for the CPU backend; None leaves the environment as is."""
     cpu_threads_bind: str | None = None
     """VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"; None leaves vLLM's default ("auto")."""
-    cpu_lora_kernel: bool = True
+    cpu_lora_kernel: bool = ServeSettings.cpu_lora_kernel
     """Use moea's CPU multi-LoRA kernel in the engine (serving/cpu_lora.py; no effect on GPU engines)."""
     host: str = "127.0.0.1"
     """Interface the engine listens on (loopback: only the gateway talks to it)."""
@@ -98,10 +99,32 @@ class EngineSettings:
     """`--api-key` of the engine (sent by the gateway as a bearer token)."""
     extra_args: tuple[str, ...] = ()
     """More vLLM CLI arguments, e.g. ("--tensor-parallel-size", "2")."""
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = ServeSettings.startup_timeout
     """How long to wait for the engine's /health before giving up."""
     log_path: Path | None = None
     """File receiving the engine's stdout/stderr; None → a file in the temp dir."""
+
+    @classmethod
+    def from_serve(
+        cls, serve: ServeSettings, *, model: str, served_name: str, max_loras: int, max_cpu_loras: int,
+        max_lora_rank: int,
+    ) -> EngineSettings:  # fmt: skip
+        """The engine part of `serve`, with the resolved base model and the sized LoRA flags."""
+        return cls(
+            model=model,
+            served_name=served_name,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras,
+            dtype=serve.dtype,
+            kv_cache_gib=serve.kv_cache_gib,
+            cpu_threads_bind=serve.cpu_threads_bind,
+            api_key=serve.engine_api_key,
+            extra_args=serve.engine_args,
+            startup_timeout_s=serve.startup_timeout,
+            log_path=serve.engine_log,
+            cpu_lora_kernel=serve.cpu_lora_kernel,
+        )
 
     def command(self, port: int) -> list[str]:
         """The engine's command line."""

@@ -59,7 +59,7 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
 
     from moe_adapters.data import Row, tokenize_rows
     from moe_adapters.evaluate import _Case, request_prompt_ids
-    from serving.gateway import Target, upstream_body
+    from serving.state import Target, upstream_body
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(None))
     view = SimpleNamespace(system_prompt=EXPERT, config={"task": {"prompt_policy": policy}})

@@ -207,8 +207,10 @@ def test_without_guard_the_cpu_kernel_keeps_base_requests_base(env: Env) -> None
     """vLLM's own CPU LoRA ops apply a LoRA to base rows batched with LoRA rows (shown on the ops in
     test_cpu_lora.py); the engines moea starts use moea's kernel, so a guard-off gateway is safe there."""
     from registry.service import Registry
+    from serving.app import create_app
     from serving.engine import EnginePool
-    from serving.gateway import Gateway, GatewayConfig, create_app
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
 
     from .conftest import GatewayThread
 
@@ -470,8 +472,10 @@ def test_shadow_version_gets_copies_that_are_logged_not_returned(env: Env) -> No
 def test_second_gateway_on_existing_engine_by_url(env: Env, serving_assets: ServingAssets) -> None:
     """--engine-url mode: a gateway that owns no engine, sharing the module's vLLM server."""
     from registry.service import Registry
+    from serving.app import create_app
     from serving.engine import EnginePool
-    from serving.gateway import Gateway, GatewayConfig, create_app
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
 
     from .conftest import GatewayThread
 

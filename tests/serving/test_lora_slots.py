@@ -142,7 +142,8 @@ def test_gateway_warns_once_when_new_experts_outgrow_the_engine(
 
     from registry.service import Registry
     from serving.engine import EnginePool, EngineSettings
-    from serving.gateway import Gateway, GatewayConfig
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
 
     async def refresh_twice(gateway: Gateway) -> list[str]:
         await gateway.refresh()

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving.engine import EnginePool, EngineSettings, EngineUnavailable
-from serving.gateway import APIError, _validation_error
+from serving.errors import APIError, validation_error
 from serving.router_runtime import RouterRuntime, RouterRuntimeError, check_labels
 from serving.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
@@ -38,7 +38,7 @@ CHAT = {"model": "math", "messages": [{"role": "user", "content": "hi"}]}
 def test_chat_request_rejections_name_the_field(extra: dict[str, Any], param: str, code: str) -> None:
     with pytest.raises(ValidationError) as caught:
         ChatCompletionRequest.model_validate({**CHAT, **extra})
-    error = _validation_error(caught.value)
+    error = validation_error(caught.value)
     assert (error.status, error.param, error.code) == (400, param, code)
     assert param.split(".")[0] in error.message
 
