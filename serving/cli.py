@@ -12,9 +12,9 @@ import click
 
 from moe_adapters.errors import user_facing_errors
 
-from .engine import EngineError, EngineSettings
 from .lora_slots import LoraFlags, lora_needs, size_lora_flags
 from .settings import GatewayConfig, ServeSettings, click_options
+from .vllm_process import EngineError, EngineSettings
 
 log = logging.getLogger("moea.serving")
 
@@ -41,7 +41,8 @@ def _registered_base(registry: Any) -> tuple[str | None, str | None]:
 
 def served_at_start(registry: Any, base_lora_guard: bool) -> dict[str, str]:
     """Adapters (vLLM name → folder) the gateway will load at start, as it computes them."""
-    from .state import load_state, with_base_lora
+    from .base_lora import with_base_lora
+    from .state import load_state
 
     required = load_state(registry).required
     return with_base_lora(required) if base_lora_guard else required

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import httpx
 from fastapi.responses import Response, StreamingResponse
 
-from .engine import EngineError, EnginePool, EngineUnavailable, Lease
+from .engine import EnginePool, EngineUnavailable, Lease
 from .errors import APIError, unavailable_error
 from .state import Target
+from .vllm_process import EngineError
 
 _USAGE_RE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 _ID_RE = re.compile(rb'"id":\s*"([^"]+)"')

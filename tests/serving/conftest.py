@@ -156,11 +156,12 @@ def running_gateway(registry_url: str, store_dir: Path, base: str, **config: Any
     from moe_adapters.base_model import DEFAULT_BASE_NAME
     from registry.service import Registry
     from serving.app import create_app
-    from serving.engine import EnginePool, EngineSettings
+    from serving.engine import EnginePool
     from serving.gateway import Gateway
     from serving.metrics import GatewayMetrics
     from serving.request_log import RequestLogWriter
     from serving.settings import GatewayConfig
+    from serving.vllm_process import EngineSettings
 
     registry = Registry(registry_url, store_dir)
     settings = EngineSettings(model=base, served_name=DEFAULT_BASE_NAME, max_loras=2, max_cpu_loras=4,

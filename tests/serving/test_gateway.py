@@ -499,7 +499,8 @@ def test_identity_lora_is_a_zeroed_copy(serving_assets: ServingAssets, tmp_path:
     """The base-LoRA guard's adapter: same config, keys, shapes and dtypes as the source, all zeros."""
     from safetensors.torch import load_file
 
-    from serving.engine import EngineError, write_identity_lora
+    from serving.base_lora import write_identity_lora
+    from serving.vllm_process import EngineError
 
     source = serving_assets.run1 / "experts" / "math"
     out = write_identity_lora(source, tmp_path)

@@ -10,8 +10,8 @@ import click
 import pytest
 
 from serving.cli import serve_command
-from serving.engine import EngineSettings
 from serving.settings import GatewayConfig, ServeSettings, option_name
+from serving.vllm_process import EngineSettings
 
 FIELDS = {setting.name: setting for setting in dataclasses.fields(ServeSettings)}
 OPTIONS = {param.name: param for param in serve_command.params if isinstance(param, click.Option)}

@@ -11,10 +11,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from serving.engine import EnginePool, EngineSettings, EngineUnavailable
+from serving.engine import EnginePool, EngineUnavailable
 from serving.errors import APIError, validation_error
 from serving.router_runtime import RouterRuntime, RouterRuntimeError, check_labels
 from serving.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from serving.vllm_process import EngineSettings
 
 from .conftest import task_prompts
 
