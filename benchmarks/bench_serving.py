@@ -67,7 +67,7 @@ def synthetic_runs(root: Path) -> tuple[Path, Path]:
 @contextmanager
 def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
     """Run `python -m serving.cli` on a free port until the block ends; yields its URL."""
-    from tests.serving.conftest import free_port
+    from registry.local import free_port
 
     port = free_port()
     env = dict(os.environ, MOEA_REGISTRY_URL=f"sqlite:///{home / 'registry.db'}", MOEA_STORE_DIR=str(home / "store"),

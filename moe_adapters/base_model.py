@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from registry.db import moea_home
+from registry.local import moea_home
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 """Served name of the default base model in vLLM and the gateway."""

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from moe_adapters.config_paths import relocate_raw_mixture
-from serving.demo import free_port, stop_process_group, wait_until_ready
+from registry.local import free_port
+from serving.demo import stop_process_group, wait_until_ready
 
 pytestmark = pytest.mark.slow
 

@@ -60,7 +60,7 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     from moe_adapters.data import Row, tokenize_rows
     from moe_adapters.eval_plan import request_prompt_ids
     from moe_adapters.eval_types import EvalCase
-    from serving.gateway import Target, upstream_body
+    from serving.state import Target, upstream_body
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(None))
     view = SimpleNamespace(system_prompt=EXPERT, config={"task": {"prompt_policy": policy}})
