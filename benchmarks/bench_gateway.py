@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests, --concurrency and --rounds must be >= 1 and --duration > 0")
     from moe_adapters.base_model import DEFAULT_BASE_NAME, resolve_base_model
     from registry.service import Registry
-    from serving.engine import EngineSettings, VLLMProcess
+    from serving.vllm_process import EngineSettings, VLLMProcess
 
     with tempfile.TemporaryDirectory(prefix="moea-bench-gateway-") as tmp:
         home = Path(tmp)

@@ -161,7 +161,8 @@ def build_assets(root: Path, expert: str, versions: int) -> tuple[Path, list[Pat
     """The initial run dir (version 1 of every fixture task + a trained router) and ``versions`` run
     dirs that each hold only a new adapter folder for ``expert`` (different random weights each)."""
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
     from tests.serving.conftest import TASKS, _write_adapter, build_run_dir, task_prompts
 
     if expert not in TASKS:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients, --rounds, --max-tokens and --experts must be >= 1 and --duration > 0")
     from moe_adapters.base_model import DEFAULT_BASE_NAME, resolve_base_model
     from registry.service import Registry
-    from serving.engine import EngineSettings, VLLMProcess
+    from serving.vllm_process import EngineSettings, VLLMProcess
 
     base = resolve_base_model(None)
     bind = args.cpu_threads_bind or None

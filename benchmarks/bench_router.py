@@ -1,7 +1,7 @@
 """Router latency and accuracy: p50/p99 per request at batch 1 and 32, on CPU (and GPU when present).
 
 Question (issue 7): is routing cheap enough to sit in front of every request? Target: p50 ≤ 5 ms per
-request at batch 1 on CPU. The router is trained here with ``moe_adapters.router.train_router`` on the
+request at batch 1 on CPU. The router is trained here with ``moe_adapters.router_training.train_router`` on the
 example mixture's prompts (80/10/10 split per task, seeded), then timed with ``Router.route``.
 Accuracy is measured on the held-out test prompts of the easy and the hard example mixtures against
 the TF-IDF + logistic-regression baseline fitted on the same split, and out-of-distribution handling
@@ -129,7 +129,8 @@ def measure(
 
     With ``compile_cpu``, the CPU router is then compiled as ``moea serve`` does (Router.compile_for_cpu)
     and measured again: latency under ``cpu-compiled``, plus its test accuracy and OOD share."""
-    from moe_adapters.router import Router, train_router
+    from moe_adapters.router import Router
+    from moe_adapters.router_training import train_router
 
     splits = split_prompts(EXAMPLES / mixture_rel)
     ood = [r["prompt"] for r in _rows(EXAMPLES / "ood_prompts.jsonl")]

@@ -48,7 +48,8 @@ SIZES: dict[str, dict[str, float]] = {
 def synthetic_runs(root: Path) -> tuple[Path, Path]:
     """Two run dirs (versions 1 and 2 of tasks math/sentiment) built like the serving tests do."""
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
     from tests.serving.conftest import build_run_dir, task_prompts
 
     base = resolve_base_model(None)
@@ -66,7 +67,7 @@ def synthetic_runs(root: Path) -> tuple[Path, Path]:
 @contextmanager
 def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
     """Run `python -m serving.cli` on a free port until the block ends; yields its URL."""
-    from tests.serving.conftest import free_port
+    from registry.local import free_port
 
     port = free_port()
     env = dict(os.environ, MOEA_REGISTRY_URL=f"sqlite:///{home / 'registry.db'}", MOEA_STORE_DIR=str(home / "store"),

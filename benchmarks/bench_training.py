@@ -47,7 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, machine_info, mode, ratio, standard_parser, summary, write_result  # noqa: E402
 
-from moe_adapters.config import relocate_raw_mixture  # noqa: E402
+from moe_adapters.config_paths import relocate_raw_mixture  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -185,9 +185,10 @@ def run_baseline(mixture: Path, steps: dict[str, int], workdir: Path) -> SideRes
     from transformers.utils import logging as hf_logging
 
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.config import load_mixture
-    from moe_adapters.data import collate, load_mixture_data
-    from moe_adapters.train import pick_device
+    from moe_adapters.config_load import load_mixture
+    from moe_adapters.data import load_mixture_data
+    from moe_adapters.data_batches import collate
+    from moe_adapters.hardware import pick_device
 
     hf_logging.disable_progress_bar()
     config = load_mixture(mixture)
@@ -280,7 +281,7 @@ class _Collator:
         self._collate = collate
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-        from moe_adapters.data import Example
+        from moe_adapters.data_tokenize import Example
 
         return self._collate([Example(r["input_ids"], r["labels"]) for r in rows], self.pad_id)
 

@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from registry.local import moea_home
+
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 """Served name of the default base model in vLLM and the gateway."""
 
@@ -35,11 +37,6 @@ _REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
 
 class BaseModelError(RuntimeError):
     """The base model cannot be found or converted; the message says how to fix it."""
-
-
-def moea_home() -> Path:
-    """``$MOEA_HOME`` or ``~/.cache/moea``."""
-    return Path(os.environ.get("MOEA_HOME") or Path.home() / ".cache" / "moea").expanduser()
 
 
 def default_base_dir() -> Path:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from .evaluate import GENERATED_SYSTEMS as _SYSTEMS
+from registry.cli import registry_url_option
+
+from .eval_types import GENERATED_SYSTEMS as _SYSTEMS
 
 
 @click.command("eval")
@@ -38,12 +40,7 @@ from .evaluate import GENERATED_SYSTEMS as _SYSTEMS
     help="Evaluate a registered version for TASK instead of the run's expert, e.g. math=math@2 or "
     "math=math@prod (repeatable).",
 )
-@click.option(
-    "--registry-url",
-    envvar="MOEA_REGISTRY_URL",
-    default=None,
-    help="Registry for --expert (SQLAlchemy URL; default: MOEA_REGISTRY_URL or the local one).",
-)
+@registry_url_option
 @click.option(
     "--endpoint",
     metavar="URL",
@@ -77,7 +74,10 @@ def eval_command(
 
     With --expert TASK=REF, registered versions replace the run's experts (compare two evals with --compare).
     """
-    from .evaluate import EvalSettings, compare_markdown, evaluate_run, load_eval
+    from .eval_output import load_eval
+    from .eval_report import compare_markdown
+    from .eval_types import EvalSettings
+    from .evaluate import evaluate_run
 
     if compare:
         a, b = (load_eval(p) for p in compare)

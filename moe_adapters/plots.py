@@ -1,8 +1,11 @@
-"""Training plots (matplotlib PNG, headless)."""
+"""Plots (matplotlib PNG, headless): training curves, and eval's per-task scores and router confusion."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from .eval_types import system_rank
 
 
 def plot_training_curves(
@@ -44,3 +47,61 @@ def plot_training_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_scores(tasks: dict[str, Any], title: str, path: Path) -> bool:
+    """Grouped bars, one per system, for each task; False (nothing written) without scores."""
+    import matplotlib.pyplot as plt
+
+    systems = sorted({s for t in tasks.values() for s in t["systems"]}, key=system_rank)
+    if not tasks or not systems:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    width = 0.8 / len(systems)
+    for k, system in enumerate(systems):
+        values = [tasks[t]["systems"].get(system, {}).get("score", 0.0) for t in tasks]
+        ax.bar([i + k * width for i in range(len(tasks))], values, width, label=system)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], list(tasks), rotation=20)
+    ax.set_ylabel("headline score")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Per-task grouped bars (one bar per system; also for unseen wordings) and the router confusion
+    matrix, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    tasks = {**report["tasks"], **report["general"]}
+    if _plot_scores(tasks, "per-task score by system", out_dir / "eval_scores.png"):
+        paths["scores_png"] = out_dir / "eval_scores.png"
+    unseen = report.get("unseen") or {}
+    target = out_dir / "eval_unseen_scores.png"
+    if unseen.get("tasks") and _plot_scores(unseen["tasks"], "per-task score, unseen wordings", target):
+        paths["unseen_scores_png"] = target
+    router = report["router"]
+    if router["rows"]:
+        fig, ax = plt.subplots(figsize=(1.2 * len(router["columns"]) + 2, 0.8 * len(router["rows"]) + 1.5))
+        ax.imshow(router["confusion"], cmap="Blues")
+        ax.set_xticks(range(len(router["columns"])), router["columns"], rotation=30)
+        ax.set_yticks(range(len(router["rows"])), router["rows"])
+        for r, counts in enumerate(router["confusion"]):
+            for c, value in enumerate(counts):
+                ax.text(c, r, str(value), ha="center", va="center", fontsize=9)
+        ax.set_xlabel("routed to")
+        ax.set_ylabel("true task")
+        ax.set_title("router confusion (test split)")
+        fig.tight_layout()
+        paths["confusion_png"] = out_dir / "eval_confusion.png"
+        fig.savefig(paths["confusion_png"], dpi=120)
+        plt.close(fig)
+    return paths

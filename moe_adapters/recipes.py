@@ -1,7 +1,7 @@
 """Training recipes' pure decisions: keep-if-better per task, and which adapter serves each task.
 
-The training side (shared warm-up phase, weight copies) lives in :mod:`moe_adapters.train`; this module
-holds what can be decided from plain numbers, so training, router training and ``moea eval`` agree:
+The training side (shared warm-up phase, weight copies) lives in :mod:`moe_adapters.shared_phase`; this
+module holds what can be decided from plain numbers, so training, router training and ``moea eval`` agree:
 
 - :func:`keep_if_better` compares each expert's validation loss with the shared adapter's;
 - :func:`serving_adapters` turns the decisions into ``{task: adapter}`` (the task's own expert or

@@ -25,14 +25,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+REGISTRY_URL_HELP = "SQLAlchemy URL of the registry [env MOEA_REGISTRY_URL; default sqlite:///$MOEA_HOME/registry.db]."
+STORE_DIR_HELP = "Artifact store folder [env MOEA_STORE_DIR; default $MOEA_HOME/store]."
+
+
 def registry_url_option(func: F) -> F:
     """`--registry-url` (env MOEA_REGISTRY_URL): the one definition every moea command uses."""
     return click.option(
-        "--registry-url",
-        envvar="MOEA_REGISTRY_URL",
-        default=None,
-        metavar="URL",
-        help="SQLAlchemy URL of the registry [env MOEA_REGISTRY_URL; default sqlite:///$MOEA_HOME/registry.db].",
+        "--registry-url", envvar="MOEA_REGISTRY_URL", default=None, metavar="URL", help=REGISTRY_URL_HELP
     )(func)
 
 
@@ -43,7 +43,7 @@ def store_dir_option(func: F) -> F:
         envvar="MOEA_STORE_DIR",
         default=None,
         type=click.Path(file_okay=False, path_type=Path),
-        help="Artifact store folder [env MOEA_STORE_DIR; default $MOEA_HOME/store].",
+        help=STORE_DIR_HELP,
     )(func)
 
 

@@ -31,16 +31,12 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlmodel import Session
 
 from .errors import RegistryError, ValidationError
+from .local import moea_home
 
 T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6D6F6561  # "moea"
 BUSY_TIMEOUT_MS = 30_000
-
-
-def moea_home() -> Path:
-    """`$MOEA_HOME` or `~/.cache/moea`."""
-    return Path(os.environ.get("MOEA_HOME") or Path.home() / ".cache" / "moea").expanduser()
 
 
 def default_url() -> str:

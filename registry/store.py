@@ -220,7 +220,7 @@ class ArtifactStore:
         The first call in a process hashes every file; later calls only compare stat signatures, so a
         file changed after verification is hashed again. A mismatch raises IntegrityError naming the file.
         """
-        self._check_tree(tree, label)
+        self.check_tree(tree, label)
         view = self.view_path(tree.sha256)
         if not view.exists():
             self._build_view(tree, label)
@@ -231,7 +231,8 @@ class ArtifactStore:
         self._verified[tree.sha256] = signature
         return view
 
-    def _check_tree(self, tree: Tree, label: str) -> None:
+    def check_tree(self, tree: Tree, label: str) -> None:
+        """Raise IntegrityError unless every path is safe and the file list hashes to `tree.sha256`."""
         for entry in tree.files:
             validate_relpath(entry.relpath)
         if tree_hash(tree.files) != tree.sha256:

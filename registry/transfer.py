@@ -23,13 +23,15 @@ import tarfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import func
-from sqlalchemy import select as sa_select
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from . import db
+from .aliases import move_alias
+from .artifacts import ArtifactTrees, artifact_row
+from .catalog import get_version, list_experts, list_versions, resolve
 from .errors import IntegrityError, ValidationError
 from .models import (
     Alias,
@@ -42,10 +44,9 @@ from .models import (
     validate_alias,
     validate_name,
 )
-from .store import FileEntry, Tree, file_sha256, tree_hash, validate_relpath
-
-if TYPE_CHECKING:
-    from .service import Registry
+from .state import bump_state, default_actor
+from .store import ArtifactStore, FileEntry, Tree, file_sha256, tree_hash, validate_relpath
+from .versions import latest_version_number, version_view
 
 EXPORT_FORMAT = "moea-registry-export"
 EXPORT_FORMAT_VERSION = 1
@@ -69,21 +70,24 @@ class ImportResult:
     aliases: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-def export_versions(registry: Registry, refs: list[str], out_path: Path) -> dict[str, Any]:
+def export_versions(
+    engine: Engine, store: ArtifactStore, trees: ArtifactTrees, refs: list[str], out_path: Path
+) -> dict[str, Any]:
     """Write the versions named by `refs` (`name` = every live version, `name@v`/`name@alias` = one)."""
     selected: dict[str, list[ExpertVersionView]] = {}
     for ref in refs:
         parsed = parse_ref(ref)
         if "@" in ref:
-            view = registry.resolve(ref, include_archived=True)
-            views = [registry.get_version(view.name, view.version)]
+            view = resolve(engine, ref, include_archived=True)
+            views = [get_version(engine, trees, view.name, view.version)]
         else:
             views = [
-                registry.get_version(v.name, v.version) for v in registry.list_versions(parsed.name, False)
+                get_version(engine, trees, v.name, v.version)
+                for v in list_versions(engine, parsed.name, False)
             ]
         bucket = selected.setdefault(parsed.name, [])
         bucket.extend(v for v in views if v.version not in {b.version for b in bucket})
-    experts = {e.name: e for e in registry.list_experts()}
+    experts = {e.name: e for e in list_experts(engine)}
     manifest = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -107,7 +111,7 @@ def export_versions(registry: Registry, refs: list[str], out_path: Path) -> dict
     with tarfile.open(partial, "w:gz") as tar:
         _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         for sha, entry in sorted(blobs.items()):
-            path = registry.store.blob_path(sha)
+            path = store.blob_path(sha)
             if not path.is_file() or file_sha256(path) != sha:
                 raise IntegrityError(
                     f"blob {path} ({entry.relpath}) is missing or damaged; run `moea registry verify`"
@@ -144,7 +148,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read_archive(registry: Registry, path: Path) -> dict[str, Any]:
+def _read_archive(store: ArtifactStore, path: Path) -> dict[str, Any]:
     """Copy every blob into the store (hash-checked) and return the manifest; reject any other member."""
     manifest: dict[str, Any] | None = None
     try:
@@ -166,7 +170,7 @@ def _read_archive(registry: Registry, path: Path) -> dict[str, Any]:
                         "and blobs/<sha256>"
                     )
                 try:
-                    registry.store.put_stream(tar.extractfile(member), expected_sha256=match.group(1))  # type: ignore[arg-type]
+                    store.put_stream(tar.extractfile(member), expected_sha256=match.group(1))  # type: ignore[arg-type]
                 except IntegrityError as error:
                     raise IntegrityError(f"{path}: {member.name} is corrupt: {error}") from None
     except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
@@ -182,7 +186,7 @@ def _read_archive(registry: Registry, path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _trees(registry: Registry, manifest: dict[str, Any], path: Path) -> dict[tuple[str, int], Tree]:
+def _version_trees(store: ArtifactStore, manifest: dict[str, Any], path: Path) -> dict[tuple[str, int], Tree]:
     """Validate names, file paths and hashes of every version in the manifest."""
     trees = {}
     for expert in manifest.get("experts") or []:
@@ -196,7 +200,7 @@ def _trees(registry: Registry, manifest: dict[str, Any], path: Path) -> dict[tup
                 raise IntegrityError(
                     f"{path}: file list of {name}@{version.get('version')} does not match its sha256"
                 )
-            missing = registry.store.missing_blobs(entries)
+            missing = store.missing_blobs(entries)
             if missing:
                 raise IntegrityError(
                     f"{path}: blob for {name}@{version.get('version')}/{missing[0].relpath} is missing"
@@ -210,17 +214,17 @@ def _trees(registry: Registry, manifest: dict[str, Any], path: Path) -> dict[tup
     return trees
 
 
-def import_archive(registry: Registry, path: Path, actor: str | None = None) -> ImportResult:
-    """Import an export tarball into `registry` in one transaction (see module docstring)."""
-    from .service import default_actor
-
+def import_archive(
+    engine: Engine, store: ArtifactStore, path: Path, actor: str | None = None
+) -> ImportResult:
+    """Import an export tarball into the registry at `engine` in one transaction (see module docstring)."""
     path = Path(path)
-    manifest = _read_archive(registry, path)
-    trees = _trees(registry, manifest, path)
+    manifest = _read_archive(store, path)
+    trees = _version_trees(store, manifest, path)
     actor = actor or default_actor()
 
     def work(session: Session) -> ImportResult:
-        registry._bump(session)
+        bump_state(session)
         result = ImportResult()
         for expert in manifest.get("experts") or []:
             row = session.exec(select(Expert).where(Expert.name == expert["name"]).with_for_update()).first()
@@ -246,10 +250,10 @@ def import_archive(registry: Registry, path: Path, actor: str | None = None) -> 
                     result.skipped.append(source_ref)
                     continue
                 tree = trees[(row.name, int(version["version"]))]
-                created = _insert_imported(registry, session, row, version, tree, source_ref, actor)
+                created = _insert_imported(session, row, version, tree, source_ref, actor)
                 present.add(created.sha256)
-                result.created.append(registry._view(row, created, [], tree))
-            result.aliases.extend(_apply_aliases(registry, session, row, wanted, actor))
+                result.created.append(version_view(row, created, [], tree))
+            result.aliases.extend(_apply_aliases(session, row, wanted, actor))
         if result.aliases:  # the created views were built before their aliases existed
             held: dict[tuple[str, int], list[str]] = {}
             for name, alias, version in result.aliases:
@@ -260,11 +264,11 @@ def import_archive(registry: Registry, path: Path, actor: str | None = None) -> 
             ]
         return result
 
-    return db.run_transaction(registry.engine, work, retry_conflicts=True)
+    return db.run_transaction(engine, work, retry_conflicts=True)
 
 
 def _apply_aliases(
-    registry: Registry, session: Session, expert: Expert, wanted: dict[str, str], actor: str
+    session: Session, expert: Expert, wanted: dict[str, str], actor: str
 ) -> list[tuple[str, str, int]]:
     """Point each alias in `wanted` (alias → sha256) at the target's version with that content.
 
@@ -286,13 +290,12 @@ def _apply_aliases(
         ).first()
         if target is None:
             continue
-        registry._move_alias(session, expert.id, alias, target, "promote", actor, IMPORT_REASON)  # type: ignore[arg-type]
+        move_alias(session, expert.id, alias, target, "promote", actor, IMPORT_REASON)  # type: ignore[arg-type]
         applied.append((expert.name, alias, target.version))
     return applied
 
 
 def _insert_imported(
-    registry: Registry,
     session: Session,
     expert: Expert,
     version: dict[str, Any],
@@ -300,10 +303,8 @@ def _insert_imported(
     source_ref: str,
     actor: str,
 ) -> ExpertVersion:
-    latest = session.exec(
-        sa_select(func.max(ExpertVersion.version)).where(ExpertVersion.expert_id == expert.id)
-    ).one()[0]
-    artifact = registry._artifact_row(session, tree, "expert")
+    latest = latest_version_number(session, expert.id)
+    artifact = artifact_row(session, tree, "expert")
     tags = dict(version.get("tags") or {})
     tags["imported_from"] = {
         "ref": source_ref,

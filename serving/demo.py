@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,9 @@ import click
 import httpx
 
 from moe_adapters.run_dir import RUN_MARKER, replace_run_dir, run_dir_state
+from registry.local import free_port
 
 REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_ready(

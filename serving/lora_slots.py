@@ -14,7 +14,7 @@ from pathlib import Path
 from moe_adapters import lora_ranks
 from moe_adapters.lora_ranks import DEFAULT_RANK, VLLM_LORA_RANKS
 
-from .engine import EngineError
+from .vllm_process import EngineError
 
 PINNED_HEADROOM = 2
 """Host-memory slots (``--max-cpu-loras``) beyond the served set, for pinned versions (``name@1``) and new

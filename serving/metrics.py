@@ -23,7 +23,7 @@ class GatewayMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # long: one flat declaration per metric, easier to scan than split up
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -14,6 +14,7 @@ import click
 
 from registry.cli import registry_url_option
 from registry.errors import user_facing_errors
+from registry.experiment_metrics import EXPERIMENT_METRICS
 
 from .assign import ABError, parse_arm, validate_arms
 from .render import plot_report, render_report
@@ -55,7 +56,7 @@ def ab_group() -> None:
 )
 @click.option(
     "--metric",
-    type=click.Choice(["reward", "thumbs"]),
+    type=click.Choice(EXPERIMENT_METRICS),
     default="reward",
     show_default=True,
     help="Outcome compared: mean reward (Welch t-test) or thumbs-up rate (two-proportion z-test).",

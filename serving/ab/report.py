@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from registry.experiment_metrics import EXPERIMENT_METRICS
+
 from .assign import ABError, experiment_salt
 from .compare import Comparison, compare_arms
 from .samples import analysis_notes, latest_outcomes, unit_samples, unit_values
@@ -33,7 +35,6 @@ if TYPE_CHECKING:  # the registry's views; any object with the same fields works
     from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 
 __all__ = [
-    "METRICS",
     "UNITS",
     "VERDICTS",
     "ABReport",
@@ -45,7 +46,6 @@ __all__ = [
     "compute_report",
 ]
 
-METRICS = ("reward", "thumbs")
 UNITS = ("auto", "user", "request")
 """Analysis units of :func:`compute_report` (``auto``: ``user`` when any request has a user id)."""
 VERDICTS = ("sequential", "fixed")
@@ -260,8 +260,8 @@ def _recommend(
 
 def _check_report_settings(experiment: ExperimentView, unit: str, verdict: str) -> None:
     """Raise :class:`ABError` unless the metric, analysis unit and verdict are known and there are arms."""
-    if experiment.metric not in METRICS:
-        raise ABError(f"unknown metric {experiment.metric!r}; use one of {', '.join(METRICS)}")
+    if experiment.metric not in EXPERIMENT_METRICS:
+        raise ABError(f"unknown metric {experiment.metric!r}; use one of {', '.join(EXPERIMENT_METRICS)}")
     if unit not in UNITS:
         raise ABError(f"unknown analysis unit {unit!r}; use one of {', '.join(UNITS)}")
     if verdict not in VERDICTS:

@@ -18,8 +18,9 @@ import openai
 import pytest
 import yaml
 
-from moe_adapters.config import relocate_raw_mixture
-from serving.demo import free_port, stop_process_group, wait_until_ready
+from moe_adapters.config_paths import relocate_raw_mixture
+from registry.local import free_port
+from serving.demo import stop_process_group, wait_until_ready
 
 pytestmark = pytest.mark.slow
 

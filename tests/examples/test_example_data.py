@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_adapters.config import load_mixture
+from moe_adapters.config_load import load_mixture
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

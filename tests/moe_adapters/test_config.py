@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_adapters.config import (
-    ConfigError,
-    DatasetSource,
-    RouterSettings,
-    load_mixture,
-    write_resolved_mixture,
-)
+from moe_adapters.config import ConfigError, DatasetSource, RouterSettings
+from moe_adapters.config_load import load_mixture, write_resolved_mixture
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,6 +1,6 @@
 """Data loading: every bad row reported with file and line, duplicates counted, deterministic splits,
-Hugging Face datasets as sources (save_to_disk folders, ``dataset:``), chat templating with
-response-only labels, and low-padding length buckets."""
+Hugging Face datasets as sources (save_to_disk folders, ``dataset:``), and chat templating with
+response-only labels (splits: test_data_rows.py; batches: test_data_batches.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,12 @@ import pytest
 import yaml
 
 from moe_adapters.base_model import resolve_base_model
-from moe_adapters.config import DatasetSource, SplitConfig, load_mixture
-from moe_adapters.data import (
-    IGNORE_INDEX,
-    BucketBatcher,
-    DataValidationError,
-    Row,
-    collate,
-    describe_dataset_error,
-    load_mixture_data,
-    read_dataset,
-    read_saved_dataset,
-    render_prompt,
-    split_rows,
-)
+from moe_adapters.config import DatasetSource, SplitConfig
+from moe_adapters.config_load import load_mixture
+from moe_adapters.data import load_mixture_data
+from moe_adapters.data_rows import DataValidationError, Row
+from moe_adapters.data_sources import describe_dataset_error, read_dataset, read_saved_dataset
+from moe_adapters.data_tokenize import IGNORE_INDEX, render_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -282,25 +274,8 @@ def test_unreachable_hub_is_one_line_with_what_to_do(monkeypatch):
     assert "HF_DATASETS_OFFLINE=1" in message and "save_to_disk" in message and "\n" not in message
 
 
-def test_split_is_deterministic_and_seeded():
-    rows = [Row(f"p{i}", "r", f"f:line {i}") for i in range(100)]
-    splits = SplitConfig(0.8, 0.1, 0.1, seed=1)
-    first = split_rows(rows, splits, "task")
-    assert split_rows(rows, splits, "task") == first
-    assert [len(s) for s in first] == [80, 10, 10]
-    assert set(map(id, first[0] + first[1] + first[2])) == set(map(id, rows))
-    assert split_rows(rows, SplitConfig(0.8, 0.1, 0.1, seed=2), "task")[1] != first[1]
-    assert split_rows(rows, splits, "other")[1] != first[1]
-
-
-@pytest.mark.parametrize(("n", "expected"), [(1, [1, 0, 0]), (2, [1, 1, 0]), (3, [1, 1, 1]), (10, [8, 1, 1])])
-def test_small_tasks_keep_a_training_row(n, expected):
-    rows = [Row(f"p{i}", "r", "x") for i in range(n)]
-    assert [len(s) for s in split_rows(rows, SplitConfig(), "t")] == expected
-
-
 def test_chat_template_and_response_only_labels(tokenizer):
-    from moe_adapters.data import tokenize_rows
+    from moe_adapters.data_tokenize import tokenize_rows
     from moe_adapters.prompting import PromptSpec
 
     problems: list[str] = []
@@ -421,32 +396,6 @@ def test_long_rows_skip_and_truncate(tmp_path, tokenizer):
     assert row.prompt.endswith("END") and not row.prompt.startswith("word0 ")  # cut from the left
     learned = [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "long-answer<|im_end|>"  # the answer is never cut
-
-
-def test_collate_pads_and_masks():
-    from moe_adapters.data import Example
-
-    batch = collate([Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), Example([8], [8])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
-
-
-def test_bucket_batcher_low_padding_full_coverage_and_resume():
-    import random
-
-    lengths = [random.Random(i).randint(5, 200) for i in range(512)]
-    batcher = BucketBatcher(lengths, batch_size=8, seed=0)
-    epoch = [next(batcher) for _ in range(64)]
-    assert sorted(i for b in epoch for i in b) == list(range(512))  # every example once per epoch
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in epoch)
-    assert padded / sum(lengths) < 1.1  # random batches of 8 would pad ~1.6x here
-    state = batcher.state_dict()
-    expected = [next(batcher) for _ in range(70)]  # crosses into the next epoch
-    other = BucketBatcher(lengths, batch_size=8, seed=0)
-    other.load_state_dict(state)
-    assert [next(other) for _ in range(70)] == expected
-    assert [next(BucketBatcher(lengths, 8, seed=1)) for _ in range(1)] != [epoch[0]]
 
 
 def test_chat_dataset_folder_without_prompt_columns(tmp_path, tokenizer):

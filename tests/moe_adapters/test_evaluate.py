@@ -10,31 +10,23 @@ import pytest
 from click.testing import CliRunner
 
 from moe_adapters.eval_cli import eval_command
-from moe_adapters.evaluate import (
-    EvalError,
-    EvalSettings,
-    _Case,
-    _plan,
-    _router_report,
-    _score,
-    compare_markdown,
-    compute_markdown,
-    evaluate_run,
-    load_eval,
-    render_markdown,
-    training_compute,
-    write_reports,
-)
+from moe_adapters.eval_compute import training_compute
+from moe_adapters.eval_output import load_eval, write_reports
+from moe_adapters.eval_plan import plan_requests
+from moe_adapters.eval_report import compare_markdown, compute_markdown, render_markdown
+from moe_adapters.eval_scoring import router_report, score_report
+from moe_adapters.eval_types import EvalCase, EvalError, EvalSettings
+from moe_adapters.evaluate import evaluate_run
 
 # ------------------------------------------------------------------------------ pure planning/scoring
 
 
-def _cases() -> list[_Case]:
+def _cases() -> list[EvalCase]:
     return [
-        _Case("math", "math", "1+1?", [], "2", False),
-        _Case("math", "math", "2+2?", [], "4", False),
-        _Case("tone", "classification", "great!", [], "positive", False),
-        _Case("general", "generation", "hi", [], "hello", True),
+        EvalCase("math", "math", "1+1?", [], "2", False),
+        EvalCase("math", "math", "2+2?", [], "4", False),
+        EvalCase("tone", "classification", "great!", [], "positive", False),
+        EvalCase("general", "generation", "hi", [], "hello", True),
     ]
 
 
@@ -42,7 +34,7 @@ def test_plan_shares_identical_generations_and_skips_oracle_for_replay() -> None
     cases = _cases()
     routes = ["math", None, "math", "tone"]  # row 1 abstains, row 2 misrouted, replay row routed
     experts = {"math": Path("m"), "tone": Path("t")}
-    plan = _plan(
+    plan = plan_requests(
         cases, routes, experts, None, EvalSettings(systems=("base", "oracle", "moe", "multitask", "random"))
     )
     assert set(plan.systems) == {"base", "oracle", "moe", "random"}  # no multitask adapter → skipped
@@ -56,7 +48,7 @@ def test_plan_shares_identical_generations_and_skips_oracle_for_replay() -> None
 def test_score_and_router_report_from_known_outputs() -> None:
     cases = _cases()
     routes = ["math", None, "math", None]
-    plan = _plan(
+    plan = plan_requests(
         cases,
         routes,
         {"math": Path("m"), "tone": Path("t")},
@@ -74,7 +66,7 @@ def test_score_and_router_report_from_known_outputs() -> None:
         (None, 3): "hello",
     }
     texts = [outputs[key] for key in plan.requests]
-    report = _score(cases, routes, plan, texts, ["math", "tone"])
+    report = score_report(cases, routes, plan, texts, ["math", "tone"])
     math_scores = {s: m["score"] for s, m in report["tasks"]["math"]["systems"].items()}
     assert math_scores == {"base": 0.5, "oracle": 1.0, "moe": 1.0}
     tone_scores = {s: m["score"] for s, m in report["tasks"]["tone"]["systems"].items()}
@@ -87,20 +79,20 @@ def test_score_and_router_report_from_known_outputs() -> None:
     assert router["accuracy"] == pytest.approx(1 / 3)
     assert router["abstain_rate"] == pytest.approx(1 / 3)
     assert router["wrong_route_rate"] == pytest.approx(1 / 2)
-    assert _router_report(cases, [None] * 4, ["math", "tone"])["abstain_rate"] == 1.0
+    assert router_report(cases, [None] * 4, ["math", "tone"])["abstain_rate"] == 1.0
 
 
 def test_reports_compare_and_cli(tmp_path: Path) -> None:
     cases = _cases()
     routes = ["math", "math", "tone", None]
-    plan = _plan(
+    plan = plan_requests(
         cases,
         routes,
         {"math": Path("m"), "tone": Path("t")},
         None,
         EvalSettings(systems=("base", "oracle", "moe")),
     )
-    report = _score(cases, routes, plan, ["2"] * len(plan.requests), ["math", "tone"])
+    report = score_report(cases, routes, plan, ["2"] * len(plan.requests), ["math", "tone"])
     report["run_dir"] = "runA"
     report["compute"] = training_compute(
         _metrics_json(tmp_path / "run", {"math": (10, 1), "tone": (30, 2)}), None, list(plan.systems)
@@ -196,16 +188,16 @@ def test_training_compute_without_metrics_is_unknown_not_zero(tmp_path: Path) ->
 def test_real_task_kinds_scored_with_row_extras_and_fallback_noted() -> None:
     tests = {"test_list": ["assert sq(3) == 9"], "test_setup_code": ""}
     cases = [
-        _Case("squad", "qa", "Who won?", [], "Denver Broncos", False, {"references": ["Broncos"]}),
-        _Case("wnut", "ner", "Text: Ann in Oslo", [], "person: Ann\nlocation: Oslo", False),
-        _Case("mbpp", "code", "square", [], "def sq(x): return x * x", False, tests),
-        _Case("mbpp", "code", "square again", [], "def sq(x): return x * x", False),  # no tests
+        EvalCase("squad", "qa", "Who won?", [], "Denver Broncos", False, {"references": ["Broncos"]}),
+        EvalCase("wnut", "ner", "Text: Ann in Oslo", [], "person: Ann\nlocation: Oslo", False),
+        EvalCase("mbpp", "code", "square", [], "def sq(x): return x * x", False, tests),
+        EvalCase("mbpp", "code", "square again", [], "def sq(x): return x * x", False),  # no tests
     ]
     experts = {"squad": Path("q"), "wnut": Path("w"), "mbpp": Path("c")}
     routes = ["squad", "wnut", "mbpp", "mbpp"]
-    plan = _plan(cases, routes, experts, None, EvalSettings(systems=("oracle",)))
+    plan = plan_requests(cases, routes, experts, None, EvalSettings(systems=("oracle",)))
     outputs = {0: "the Broncos", 1: "person: Ann", 2: "```python\ndef sq(x):\n    return x ** 2\n```", 3: "x"}
-    report = _score(cases, routes, plan, [outputs[c] for _, c in plan.requests], sorted(experts))
+    report = score_report(cases, routes, plan, [outputs[c] for _, c in plan.requests], sorted(experts))
     oracle = {t: report["tasks"][t]["systems"]["oracle"] for t in experts}
     assert oracle["squad"]["exact_match"] == 1.0 and oracle["squad"]["metric"] == "token_f1"
     assert oracle["wnut"]["score"] == pytest.approx(2 / 3)  # 1 TP, 1 miss
@@ -214,27 +206,27 @@ def test_real_task_kinds_scored_with_row_extras_and_fallback_noted() -> None:
     assert "- mbpp (code): headline is rougeL, not pass_at_1: 1 of 2 test rows" in render_markdown(report)
 
 
-def _robustness_cases() -> list[_Case]:
+def _robustness_cases() -> list[EvalCase]:
     """Test rows in two templates, unseen-wording rows, a replay row and out-of-distribution prompts."""
     return [
-        _Case(
+        EvalCase(
             "tone", "classification", "A: good", [], "positive", False, template=0, template_text="A: {input}"
         ),
-        _Case(
+        EvalCase(
             "tone", "classification", "A: bad", [], "negative", False, template=0, template_text="A: {input}"
         ),
-        _Case(
+        EvalCase(
             "tone", "classification", "bad? B", [], "negative", False, template=1, template_text="{input}? B"
         ),
-        _Case("math", "math", "1+1?", [], "2", False),
-        _Case("general", "generation", "hi", [], "hello", True),
-        _Case("tone", "classification", "vibes: good", [], "positive", False, split="unseen"),
-        _Case("tone", "classification", "vibes: bad", [], "negative", False, split="unseen"),
-        _Case("math", "math", "calc 2+2", [], "4", False, split="unseen"),
-        _Case("math", "math", "calc 3+3", [], "6", False, split="unseen"),
-        _Case("chitchat", "generation", "yo!", [], "", True, split="ood"),
-        _Case("chitchat", "generation", "sup", [], "", True, split="ood"),
-        _Case("foreign", "generation", "hola", [], "", True, split="ood"),
+        EvalCase("math", "math", "1+1?", [], "2", False),
+        EvalCase("general", "generation", "hi", [], "hello", True),
+        EvalCase("tone", "classification", "vibes: good", [], "positive", False, split="unseen"),
+        EvalCase("tone", "classification", "vibes: bad", [], "negative", False, split="unseen"),
+        EvalCase("math", "math", "calc 2+2", [], "4", False, split="unseen"),
+        EvalCase("math", "math", "calc 3+3", [], "6", False, split="unseen"),
+        EvalCase("chitchat", "generation", "yo!", [], "", True, split="ood"),
+        EvalCase("chitchat", "generation", "sup", [], "", True, split="ood"),
+        EvalCase("foreign", "generation", "hola", [], "", True, split="ood"),
     ]
 
 
@@ -243,12 +235,12 @@ def test_unseen_wordings_per_template_and_ood_reports() -> None:
     #         test: tone×3, math, general | unseen: tone×2, math×2    | ood ×3
     routes = ["tone", "tone", None, "math", None, "tone", "math", None, "math", None, "tone", None]
     experts = {"math": Path("m"), "tone": Path("t")}
-    plan = _plan(cases, routes, experts, None, EvalSettings(systems=("base", "oracle", "moe")))
+    plan = plan_requests(cases, routes, experts, None, EvalSettings(systems=("base", "oracle", "moe")))
     assert all(plan.systems[s][i] == -1 for s in plan.systems for i in (9, 10, 11))  # OOD: routed only
     answers = {"tone": {0: "positive", 1: "negative", 2: "negative", 5: "positive", 6: "negative"}}
     answers["math"] = {3: "2", 7: "4", 8: "6", 6: "9"}  # row 6 (a tone prompt) misrouted to math
     texts = [answers.get(a or "", {}).get(i, "?") for a, i in plan.requests]
-    report = _score(cases, routes, plan, texts, ["math", "tone"])
+    report = score_report(cases, routes, plan, texts, ["math", "tone"])
     # The test-split report only holds test rows (backward compatible keys).
     assert report["tasks"]["tone"]["n"] == 3 and report["tasks"]["math"]["n"] == 1
     assert report["router"]["accuracy"] == pytest.approx(3 / 4)
@@ -289,14 +281,14 @@ def test_unseen_wordings_per_template_and_ood_reports() -> None:
 def test_robustness_sections_in_markdown_plots_compare_and_cli(tmp_path: Path) -> None:
     cases = _robustness_cases()
     routes = ["tone", "tone", None, "math", None, "tone", "math", None, "math", None, "tone", None]
-    plan = _plan(
+    plan = plan_requests(
         cases,
         routes,
         {"math": Path("m"), "tone": Path("t")},
         None,
         EvalSettings(systems=("base", "oracle", "moe")),
     )
-    report = _score(cases, routes, plan, ["positive"] * len(plan.requests), ["math", "tone"])
+    report = score_report(cases, routes, plan, ["positive"] * len(plan.requests), ["math", "tone"])
     paths = write_reports(report, tmp_path / "a")
     assert paths["unseen_scores_png"].is_file()
     markdown = (tmp_path / "a" / "eval.md").read_text()
@@ -344,7 +336,8 @@ def _tiny_run(root: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
 
     rng = random.Random(0)
     base = resolve_base_model()

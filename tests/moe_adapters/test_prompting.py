@@ -58,8 +58,9 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     from transformers import AutoTokenizer
 
     from moe_adapters.data import Row, tokenize_rows
-    from moe_adapters.evaluate import _Case, request_prompt_ids
-    from serving.gateway import Target, upstream_body
+    from moe_adapters.eval_plan import request_prompt_ids
+    from moe_adapters.eval_types import EvalCase
+    from serving.state import Target, upstream_body
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(None))
     view = SimpleNamespace(system_prompt=EXPERT, config={"task": {"prompt_policy": policy}})
@@ -71,7 +72,7 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     served_ids = tokenizer(served, add_special_tokens=False)["input_ids"]
 
     # Eval: the request ids for adapter "t" on a case with the same client messages.
-    case = _Case("t", "generation", "Hello", [dict(m) for m in client], "Hi", False)
+    case = EvalCase("t", "generation", "Hello", [dict(m) for m in client], "Hi", False)
     (eval_ids,) = request_prompt_ids(tokenizer, [case], [("t", 0)], {"t": spec})
 
     # Training: the masked prefix of the same row (history = the client's system message, if any).

@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_adapters import train as train_module
-from moe_adapters.config import ConfigError, load_mixture
-from moe_adapters.evaluate import EvalSettings, _Case, _plan, _router_report
+from moe_adapters import shared_phase, train_loop
+from moe_adapters.config import ConfigError
+from moe_adapters.config_load import load_mixture
+from moe_adapters.eval_plan import plan_requests
+from moe_adapters.eval_scoring import router_report
+from moe_adapters.eval_types import EvalCase, EvalSettings
 from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
 from moe_adapters.train import train_mixture
 
@@ -77,15 +80,17 @@ def test_recipe_settings_are_validated(overrides: dict, message: str) -> None:
 
 def test_eval_scores_oracle_with_the_serving_adapter() -> None:
     cases = [
-        _Case("math", "math", "1+1?", [], "2", False),
-        _Case("tone", "classification", "ok", [], "x", False),
+        EvalCase("math", "math", "1+1?", [], "2", False),
+        EvalCase("tone", "classification", "ok", [], "x", False),
     ]
     experts = {"math": Path("m"), "shared": Path("s")}  # tone lost to shared
     serving = {"math": "math", "tone": "shared"}
-    plan = _plan(cases, ["math", "shared"], experts, None, EvalSettings(systems=("oracle", "moe")), serving)
+    plan = plan_requests(
+        cases, ["math", "shared"], experts, None, EvalSettings(systems=("oracle", "moe")), serving
+    )
     assert [plan.requests[i] for i in plan.systems["oracle"]] == [("math", 0), ("shared", 1)]
     assert plan.systems["moe"] == plan.systems["oracle"]
-    assert _router_report(cases, ["math", "shared"], sorted(experts), serving)["accuracy"] == 1.0
+    assert router_report(cases, ["math", "shared"], sorted(experts), serving)["accuracy"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ tiny runs
@@ -108,7 +113,7 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     from registry.rundir import read_run_dir
 
     at_switch: dict[str, dict[str, torch.Tensor]] = {}
-    real_end, real_decide = train_module.end_shared_phase, train_module.keep_if_better
+    real_end, real_decide = train_loop.end_shared_phase, shared_phase.keep_if_better
 
     def end_and_capture(trainer):
         message = real_end(trainer)
@@ -123,8 +128,8 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     def sentiment_loses(expert_losses, shared_losses):  # the real rule, with the shared adapter made to win
         return real_decide(expert_losses, {**shared_losses, "sentiment": 0.0})
 
-    monkeypatch.setattr(train_module, "end_shared_phase", end_and_capture)
-    monkeypatch.setattr(train_module, "keep_if_better", sentiment_loses)
+    monkeypatch.setattr(train_loop, "end_shared_phase", end_and_capture)
+    monkeypatch.setattr(shared_phase, "keep_if_better", sentiment_loses)
     router = {
         "router.enabled": True,
         "router.encoder": "minilm",
@@ -165,7 +170,7 @@ def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch)
     overrides = {"train.checkpoint_every": 3}  # checkpoint at step 3 (warm-up), crash at step 5 (experts)
     reference = _run(tmp_path / "reference", **overrides)
 
-    real_step, calls = train_module.train_step, []
+    real_step, calls = train_loop.train_step, []
 
     def crash_at_fifth_step(trainer):
         calls.append(trainer.global_step)
@@ -173,10 +178,10 @@ def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch)
             raise _Crash
         return real_step(trainer)
 
-    monkeypatch.setattr(train_module, "train_step", crash_at_fifth_step)
+    monkeypatch.setattr(train_loop, "train_step", crash_at_fifth_step)
     with pytest.raises(_Crash):
         _run(tmp_path / "resumed", **overrides)
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(train_loop, "train_step", real_step)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     resumed = train_mixture(
         MIXTURE, tmp_path / "resumed", resume=True, overrides={**RECIPE, **overrides}, progress=False

@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_adapters.config import RouterSettings
 from moe_adapters.ood_prompts import OOD_PROMPTS
-from moe_adapters.router import (
-    Router,
-    RouterError,
-    RouterSettings,
-    benchmark_router,
-    choose_threshold,
-    decide,
-    train_router,
-)
+from moe_adapters.router import Router, benchmark_router, choose_threshold, decide
+from moe_adapters.router_encoder import RouterError
+from moe_adapters.router_training import train_router
 
 try:  # works whether or not tests/moe_adapters is a package (pytest's default prepend import mode)
     from .router_data import HELDOUT_OOD, task_prompts
@@ -175,6 +170,20 @@ def test_benchmark_reports_p50_per_batch_size(router: Router) -> None:
     assert set(result) == {"1", "4"} and all(v["p50"] > 0 for v in result.values())
 
 
+def test_loading_and_routing_leave_process_wide_torch_settings_alone(tmp_path: Path) -> None:
+    """Threads and inductor freezing are the caller's choice (serving sets them), never the library's."""
+    import torch._inductor.config as inductor_config
+
+    from moe_adapters.router_encoder import RouterHead, SentenceEncoder
+
+    encoder = SentenceEncoder("minilm", device="cpu", max_length=16)
+    Router(encoder, RouterHead(encoder.dim, 3), ["a", "b"], 0.5, none_class=True).save(tmp_path)
+    threads, freezing = torch.get_num_threads(), inductor_config.freezing
+    loaded = Router.load(tmp_path, device="cpu")
+    assert len(loaded.route(["hello there", "what is 2 + 2?"])) == 2
+    assert (torch.get_num_threads(), inductor_config.freezing) == (threads, freezing)
+
+
 def test_load_missing_folder_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(RouterError, match="router.json not found"):
         Router.load(tmp_path)
@@ -220,8 +229,12 @@ def test_base_mean_pool_encoder_trains_and_round_trips(tmp_path: Path) -> None:
 
 def test_compiled_cpu_router_decides_like_the_plain_one(trained: tuple[Path, dict]) -> None:
     """`moea serve` compiles the CPU router (bf16 where native, torch.compile, freezing): same decisions."""
+    import torch._inductor.config as inductor_config
+
     plain, compiled = Router.load(trained[0], device="cpu"), Router.load(trained[0], device="cpu")
+    freezing = inductor_config.freezing
     assert compiled.compile_for_cpu() > 0
+    assert inductor_config.freezing == freezing, "freezing is an option of the router's compile only"
     assert compiled.encoder.model is not plain.encoder.model and hasattr(
         compiled.encoder.model, "_orig_mod"
     ), "compile fell back to the plain encoder (see the warning in the log)"

@@ -152,7 +152,8 @@ def test_train_refuses_to_redo_a_finished_run_and_deletes_nothing(tmp_path: Path
 def test_resume_without_checkpoint_says_it_starts_fresh(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from moe_adapters.train import TrainError, check_out_dir
+    from moe_adapters.checkpoint import check_out_dir
+    from moe_adapters.train_state import TrainError
 
     assert check_out_dir(tmp_path / "new", resume=True) == "empty"
     assert (

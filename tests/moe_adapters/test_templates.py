@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_adapters.config import ConfigError, load_mixture, write_resolved_mixture
+from moe_adapters.config import ConfigError
+from moe_adapters.config_load import load_mixture, write_resolved_mixture
 from moe_adapters.data import _load_files, load_mixture_data
+from moe_adapters.router_step import router_prompts
 from moe_adapters.templates import (
     TemplateChoice,
     TemplateError,
@@ -21,7 +23,6 @@ from moe_adapters.templates import (
     template_problem,
     validate_templates,
 )
-from moe_adapters.train import router_prompts
 
 TEMPLATES = ["Classify: {input}", "{input}\nSentiment:", 'Is "{input}" positive? Reply as {{"label": ...}}']
 

@@ -20,16 +20,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moe_adapters import train as train_module
-from moe_adapters.config import load_mixture
-from moe_adapters.train import (
-    TrainError,
-    apply_budget,
-    choose_num_threads,
-    single_adapter_max_steps,
-    train_mixture,
-    warmup_cosine,
-)
+from moe_adapters.config_load import load_mixture
+from moe_adapters.train import apply_budget, single_adapter_max_steps, train_mixture
+from moe_adapters.train_state import TrainError, warmup_cosine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIXTURE = FIXTURES / "mixture.yaml"
@@ -82,36 +75,6 @@ def test_warmup_cosine_schedule():
     assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
     assert f(100) == pytest.approx(0.1)
-
-
-def fake_topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
-    """A sysfs cpu folder: logical cpu → (package, core)."""
-    for cpu, (package, core) in cores.items():
-        topology = root / f"cpu{cpu}" / "topology"
-        topology.mkdir(parents=True)
-        (topology / "physical_package_id").write_text(f"{package}\n")
-        (topology / "core_id").write_text(f"{core}\n")
-    return root
-
-
-def test_threads_default_to_physical_cores_the_process_may_use(tmp_path, monkeypatch):
-    import psutil
-
-    # 2 sockets x 2 cores x 2 hyperthreads; a busy machine (load average) no longer lowers the count.
-    siblings = {cpu: (cpu // 4, (cpu // 2) % 2) for cpu in range(8)}
-    monkeypatch.setattr(train_module, "_SYSFS_CPU", fake_topology(tmp_path / "cpu", siblings))
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert choose_num_threads() == 4
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # core 0's two threads + core 1
-    assert choose_num_threads() == 2
-    assert choose_num_threads(3) == 3  # train.num_threads overrides
-    # Without a readable topology: psutil's physical count, bounded by the affinity set.
-    monkeypatch.setattr(train_module, "_SYSFS_CPU", tmp_path / "missing")
-    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2 if not logical else 4)
-    assert choose_num_threads() == 2
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert choose_num_threads() == 1
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import make_run_dir  # noqa: E402
 
+from registry.local import free_port  # noqa: E402
 from registry.service import Registry  # noqa: E402
 
 POSTGRES = os.environ.get("MOEA_TEST_POSTGRES") == "1"
@@ -39,12 +39,6 @@ def _pg_bin(tool: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """Base URL (no database) of a PostgreSQL cluster owned by this test session."""
@@ -56,7 +50,7 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     subprocess.run(
         [*prefix, _pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
         check=True,

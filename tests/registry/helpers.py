@@ -1,4 +1,5 @@
-"""Builders for registry tests: run dirs in the format_version 1 layout with small fake adapter files.
+"""Builders for registry tests: run dirs in the format_version 1 layout with small fake adapter files, and
+request-log records.
 
 The registry treats artifacts as bytes, so the adapter weights here are random bytes of a realistic
 shape (a JSON config + a weights file), not a trained LoRA.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+
+from registry.models import RequestRecord
 
 
 def make_run_dir(
@@ -84,3 +88,23 @@ def make_run_dir(
         )
         (router_dir / "head.safetensors").write_bytes(bytes([seed % 256]) * 512)
     return root
+
+
+def make_request(
+    request_id: str, experiment_id: int | None, version: int | None = 1, shadow: bool = False
+) -> RequestRecord:
+    """A request-log record of user u1 for `summarize@version` (200, 12.5 ms)."""
+    return RequestRecord(
+        request_id=request_id,
+        created_at=datetime.now(UTC),
+        expert="summarize",
+        version=version,
+        experiment_id=experiment_id,
+        user="u1",
+        routed=True,
+        latency_ms=12.5,
+        prompt_tokens=5,
+        completion_tokens=7,
+        status_code=200,
+        shadow=shadow,
+    )

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from registry.local import free_port
 
 TASKS = ("math", "sentiment")
 API_KEY = "test-key-123"
@@ -103,7 +104,8 @@ class ServingAssets:
 def serving_assets(tmp_path_factory: pytest.TempPathFactory) -> ServingAssets:
     """Built once per test session (~20 s): the converted base model, adapters and a trained router."""
     from moe_adapters.base_model import resolve_base_model
-    from moe_adapters.router import RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router_training import train_router
 
     base = resolve_base_model(None)
     root = tmp_path_factory.mktemp("serving-assets")
@@ -115,13 +117,6 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory) -> ServingAssets:
         build_run_dir(root / "run1", base, 1, router_dir),
         build_run_dir(root / "run2", base, 2, router_dir),
     )
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GatewayThread:
@@ -161,10 +156,13 @@ def running_gateway(registry_url: str, store_dir: Path, base: str, **config: Any
     """Start a gateway that owns a real vLLM engine; stop both afterwards."""
     from moe_adapters.base_model import DEFAULT_BASE_NAME
     from registry.service import Registry
-    from serving.engine import EnginePool, EngineSettings
-    from serving.gateway import Gateway, GatewayConfig, create_app
+    from serving.app import create_app
+    from serving.engine import EnginePool
+    from serving.gateway import Gateway
     from serving.metrics import GatewayMetrics
     from serving.request_log import RequestLogWriter
+    from serving.settings import GatewayConfig
+    from serving.vllm_process import EngineSettings
 
     registry = Registry(registry_url, store_dir)
     settings = EngineSettings(model=base, served_name=DEFAULT_BASE_NAME, max_loras=2, max_cpu_loras=4,

@@ -127,7 +127,7 @@ def stock_and_kernel_engines(serving_assets, tmp_path_factory):  # type: ignore[
     import httpx
 
     from moe_adapters.base_model import DEFAULT_BASE_NAME
-    from serving.engine import EngineSettings, VLLMProcess
+    from serving.vllm_process import EngineSettings, VLLMProcess
 
     logs = tmp_path_factory.mktemp("cpu-lora-engines")
     engines = [

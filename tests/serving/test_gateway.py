@@ -207,8 +207,10 @@ def test_without_guard_the_cpu_kernel_keeps_base_requests_base(env: Env) -> None
     """vLLM's own CPU LoRA ops apply a LoRA to base rows batched with LoRA rows (shown on the ops in
     test_cpu_lora.py); the engines moea starts use moea's kernel, so a guard-off gateway is safe there."""
     from registry.service import Registry
+    from serving.app import create_app
     from serving.engine import EnginePool
-    from serving.gateway import Gateway, GatewayConfig, create_app
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
 
     from .conftest import GatewayThread
 
@@ -470,8 +472,10 @@ def test_shadow_version_gets_copies_that_are_logged_not_returned(env: Env) -> No
 def test_second_gateway_on_existing_engine_by_url(env: Env, serving_assets: ServingAssets) -> None:
     """--engine-url mode: a gateway that owns no engine, sharing the module's vLLM server."""
     from registry.service import Registry
+    from serving.app import create_app
     from serving.engine import EnginePool
-    from serving.gateway import Gateway, GatewayConfig, create_app
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
 
     from .conftest import GatewayThread
 
@@ -495,7 +499,8 @@ def test_identity_lora_is_a_zeroed_copy(serving_assets: ServingAssets, tmp_path:
     """The base-LoRA guard's adapter: same config, keys, shapes and dtypes as the source, all zeros."""
     from safetensors.torch import load_file
 
-    from serving.engine import EngineError, write_identity_lora
+    from serving.base_lora import write_identity_lora
+    from serving.vllm_process import EngineError
 
     source = serving_assets.run1 / "experts" / "math"
     out = write_identity_lora(source, tmp_path)

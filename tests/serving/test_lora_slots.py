@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from serving.base_lora import BASE_LORA_NAME
 from serving.cli import serve_command, served_at_start
-from serving.engine import BASE_LORA_NAME
 from serving.lora_slots import (
     LoraNeeds,
     LoraSlotError,
@@ -141,8 +141,10 @@ def test_gateway_warns_once_when_new_experts_outgrow_the_engine(
     import httpx
 
     from registry.service import Registry
-    from serving.engine import EnginePool, EngineSettings
-    from serving.gateway import Gateway, GatewayConfig
+    from serving.engine import EnginePool
+    from serving.gateway import Gateway
+    from serving.settings import GatewayConfig
+    from serving.vllm_process import EngineSettings
 
     async def refresh_twice(gateway: Gateway) -> list[str]:
         await gateway.refresh()

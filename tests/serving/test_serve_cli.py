@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ServingAssets, free_port
+from registry.local import free_port
+
+from .conftest import ServingAssets
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from serving.engine import EnginePool, EngineSettings, EngineUnavailable
-from serving.gateway import APIError, _validation_error
+from serving.engine import EnginePool, EngineUnavailable
+from serving.errors import APIError, validation_error
 from serving.router_runtime import RouterRuntime, RouterRuntimeError, check_labels
 from serving.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from serving.vllm_process import EngineSettings
 
 from .conftest import task_prompts
 
@@ -38,7 +39,7 @@ CHAT = {"model": "math", "messages": [{"role": "user", "content": "hi"}]}
 def test_chat_request_rejections_name_the_field(extra: dict[str, Any], param: str, code: str) -> None:
     with pytest.raises(ValidationError) as caught:
         ChatCompletionRequest.model_validate({**CHAT, **extra})
-    error = _validation_error(caught.value)
+    error = validation_error(caught.value)
     assert (error.status, error.param, error.code) == (400, param, code)
     assert param.split(".")[0] in error.message
 
@@ -183,7 +184,9 @@ class _View:
 
 @pytest.mark.slow  # trains a small router (~30 s on 2 cores)
 def test_router_runtime_batches_concurrent_requests_and_refuses_unknown_labels(tmp_path: Path) -> None:
-    from moe_adapters.router import Router, RouterSettings, train_router
+    from moe_adapters.config import RouterSettings
+    from moe_adapters.router import Router
+    from moe_adapters.router_training import train_router
 
     train_router(
         task_prompts(40, 0),

@@ -20,7 +20,7 @@ def _ts(name: str, nullable: bool = False) -> sa.Column:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
-def upgrade() -> None:
+def upgrade() -> None:  # long: one op per table/column change, the frozen record of this revision
     op.create_table(
         "experts",
         sa.Column("id", sa.Integer(), primary_key=True),

@@ -20,7 +20,7 @@ def _ts(name: str, nullable: bool = False) -> sa.Column:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
-def upgrade() -> None:
+def upgrade() -> None:  # long: one op per table/column change, the frozen record of this revision
     # Existing versions stay live: archived defaults to false for every row already there. Plain ADD
     # COLUMN (not batch mode): SQLite's table rebuild would trip the foreign keys pointing at these tables.
     op.add_column(

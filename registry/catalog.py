@@ -1,0 +1,107 @@
+"""Read operations on experts and versions: resolve a reference, list experts, list and show versions."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import Engine, Table, bindparam, func
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, select
+
+from .artifacts import ArtifactTrees
+from .errors import NotFoundError
+from .models import (
+    Alias,
+    Expert,
+    ExpertVersion,
+    ExpertVersionView,
+    ExpertView,
+    Ref,
+    as_utc,
+    parse_ref,
+    validate_name,
+)
+from .versions import (
+    aliases_by_version,
+    find_expert,
+    find_version,
+    find_version_row,
+    make_version_view,
+    version_view,
+    view_for,
+)
+
+_ALIASES = cast(Table, Alias.__table__)
+# Built once: resolve is on the gateway's hot path (see registry.versions).
+Q_ALIASES_OF_VERSION = (
+    sa_select(_ALIASES.c.alias)
+    .where(_ALIASES.c.version_id == bindparam("version_id"))
+    .order_by(_ALIASES.c.alias)
+)
+
+
+def resolve(engine: Engine, ref: str, include_archived: bool = False) -> ExpertVersionView:
+    """`name` (→ alias prod if set, else latest), `name@latest`, `name@<alias>`, `name@3` → a version."""
+    parsed = parse_ref(ref)
+    with engine.connect() as connection:  # one read transaction: a consistent snapshot
+        row = find_version_row(connection, parsed, ref)
+        if row.archived and not include_archived:
+            raise NotFoundError(
+                f"{parsed.name}@{row.version} is archived; restore it with `moea registry restore "
+                f"{parsed.name}@{row.version}` or pick another version"
+            )
+        aliases = list(connection.execute(Q_ALIASES_OF_VERSION, {"version_id": row.id}).scalars())
+    return make_version_view(row.expert_name, row.expert_task_kind, row, aliases)
+
+
+def get_version(engine: Engine, trees: ArtifactTrees, name: str, version: int) -> ExpertVersionView:
+    """One version (archived or not) with its file list."""
+    with Session(engine) as session:
+        row = find_version(session, Ref(validate_name(name), version=version), f"{name}@{version}")
+        return view_for(session, row, trees.get(session, row.sha256))
+
+
+def list_experts(engine: Engine) -> list[ExpertView]:
+    """Every expert with its latest live version and aliases."""
+    with Session(engine) as session:
+        stats = {
+            expert_id: (latest, count)
+            for expert_id, latest, count in session.exec(
+                sa_select(ExpertVersion.expert_id, func.max(ExpertVersion.version), func.count())
+                .where(col(ExpertVersion.archived).is_(False))
+                .group_by(ExpertVersion.expert_id)
+            ).all()
+        }
+        aliases: dict[int, dict[str, int]] = {}
+        for expert_id, alias, version in session.exec(
+            sa_select(Alias.expert_id, Alias.alias, ExpertVersion.version).join(
+                ExpertVersion, col(ExpertVersion.id) == col(Alias.version_id)
+            )
+        ).all():
+            aliases.setdefault(expert_id, {})[alias] = version
+        return [
+            ExpertView(
+                name=e.name,
+                description=e.description,
+                task_kind=e.task_kind,
+                base_model=e.base_model,
+                base_model_sha256=e.base_model_sha256,
+                created_at=as_utc(e.created_at),
+                latest_version=stats.get(e.id, (None, 0))[0],
+                version_count=stats.get(e.id, (None, 0))[1],
+                aliases=dict(sorted(aliases.get(e.id, {}).items())),
+            )
+            for e in session.exec(select(Expert).order_by(Expert.name)).all()
+        ]
+
+
+def list_versions(engine: Engine, name: str, include_archived: bool = True) -> list[ExpertVersionView]:
+    """Every version of `name`, oldest first."""
+    with Session(engine) as session:
+        expert = find_expert(session, name)
+        query = select(ExpertVersion).where(ExpertVersion.expert_id == expert.id)
+        if not include_archived:
+            query = query.where(col(ExpertVersion.archived).is_(False))
+        rows = session.exec(query.order_by(ExpertVersion.version)).all()
+        aliases = aliases_by_version(session, expert.id)
+        return [version_view(expert, row, aliases.get(row.id, [])) for row in rows]

@@ -1,0 +1,179 @@
+"""A/B experiments: start, stop (optionally promoting the winner) and read; at most one runs per expert."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy import select as sa_select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlmodel import Session, col, select
+
+from . import db
+from .aliases import move_alias
+from .errors import ConflictError, NotFoundError, ValidationError
+from .experiment_metrics import EXPERIMENT_METRICS
+from .models import Arm, Experiment, ExperimentView, Expert, Ref, as_utc, utcnow, validate_name
+from .state import bump_state, default_actor
+from .versions import DEFAULT_ALIAS, find_expert, find_version
+
+
+def _parse_arms(arms: Sequence[tuple[int, float]], metric: str, shadow_version: int | None) -> list[Arm]:
+    """Validate everything that needs no database: the metric, the weights, repeated or shadowed versions."""
+    if metric not in EXPERIMENT_METRICS:
+        raise ValidationError(f"unknown metric {metric!r}; use one of {', '.join(EXPERIMENT_METRICS)}")
+    parsed_arms = [Arm(int(v), float(w)) for v, w in arms]
+    if not parsed_arms or any(not math.isfinite(a.weight) or a.weight <= 0 for a in parsed_arms):
+        raise ValidationError(
+            "experiment arms need at least one VERSION:WEIGHT with a positive finite weight"
+        )
+    versions = [a.version for a in parsed_arms]
+    if len(set(versions)) != len(versions):
+        raise ValidationError(f"experiment arms repeat a version: {versions}")
+    if shadow_version is not None and shadow_version in versions:
+        raise ValidationError(
+            f"shadow version {shadow_version} is also an arm; pick a version outside the arms"
+        )
+    return parsed_arms
+
+
+def start_experiment(
+    engine: Engine,
+    expert: str,
+    arms: Sequence[tuple[int, float]],
+    metric: str = "reward",
+    salt: str | None = None,
+    shadow_version: int | None = None,
+    actor: str | None = None,
+) -> ExperimentView:
+    """Start an A/B experiment over versions of `expert`; at most one runs per expert."""
+    parsed_arms = _parse_arms(arms, metric, shadow_version)
+    versions = [a.version for a in parsed_arms]
+
+    def work(session: Session) -> ExperimentView:
+        bump_state(session)
+        row = find_expert(session, expert, lock=True)
+        running = running_experiment(session, row.id)
+        if running:
+            raise ConflictError(f"experiment {running.id} is already running for {expert}; stop it first")
+        for version in [*versions, *([shadow_version] if shadow_version is not None else [])]:
+            found = find_version(session, Ref(row.name, version=version), f"{expert}@{version}")
+            if found.archived:
+                raise ConflictError(
+                    f"{expert}@{version} is archived; restore it before experimenting with it"
+                )
+        experiment = Experiment(
+            expert_id=row.id,
+            arms=[asdict(a) for a in parsed_arms],
+            metric=metric,
+            salt=salt or secrets.token_hex(8),
+            shadow_version=shadow_version,
+            created_by=actor or default_actor(),
+        )
+        session.add(experiment)
+        session.flush()
+        return experiment_view(experiment, row.name)
+
+    try:
+        return db.run_transaction(engine, work)
+    except SAIntegrityError:
+        raise ConflictError(
+            f"another experiment was started for {expert} at the same time; stop it first"
+        ) from None
+
+
+def running_experiment(session: Session, expert_id: int | None) -> Experiment | None:
+    """The running experiment row of the expert, if any."""
+    return session.exec(
+        select(Experiment).where(Experiment.expert_id == expert_id, Experiment.status == "running")
+    ).first()
+
+
+def experiment_view(row: Experiment, expert: str) -> ExperimentView:
+    """The view of an experiment row of `expert`."""
+    return ExperimentView(
+        id=row.id or 0,
+        expert=expert,
+        arms=[Arm(int(a["version"]), float(a["weight"])) for a in row.arms],
+        metric=row.metric,
+        salt=row.salt,
+        status=row.status,
+        shadow_version=row.shadow_version,
+        started_at=as_utc(row.started_at),
+        stopped_at=as_utc(row.stopped_at),
+        winner=row.winner,
+    )
+
+
+def _experiments(session: Session, *conditions: Any) -> list[ExperimentView]:
+    query = sa_select(Experiment, Expert.name).join(Expert, col(Expert.id) == col(Experiment.expert_id))
+    rows = session.exec(query.where(*conditions).order_by(col(Experiment.id))).all()
+    return [experiment_view(experiment, name) for experiment, name in rows]
+
+
+def active_experiment(engine: Engine, expert: str) -> ExperimentView | None:
+    """The running experiment of `expert`, if any."""
+    with Session(engine) as session:
+        found = _experiments(session, Expert.name == validate_name(expert), Experiment.status == "running")
+        return found[0] if found else None
+
+
+def active_experiments(engine: Engine) -> list[ExperimentView]:
+    """Every running experiment."""
+    with Session(engine) as session:
+        return _experiments(session, Experiment.status == "running")
+
+
+def list_experiments(engine: Engine, expert: str | None = None) -> list[ExperimentView]:
+    """All experiments (of one expert when given), oldest first."""
+    with Session(engine) as session:
+        conditions = [Expert.name == validate_name(expert)] if expert else []
+        return _experiments(session, *conditions)
+
+
+def get_experiment(engine: Engine, expert_or_id: str | int) -> ExperimentView:
+    """An experiment by id (int, or digits that are not an expert name) or the latest one of an expert."""
+    with Session(engine) as session:
+        if (
+            isinstance(expert_or_id, str)
+            and session.exec(select(Expert.id).where(Expert.name == expert_or_id)).first()
+        ):
+            found = _experiments(session, Expert.name == expert_or_id)
+            if found:
+                return found[-1]
+            raise NotFoundError(f"{expert_or_id} has no experiments; start one with `moea ab start`")
+        if isinstance(expert_or_id, int) or str(expert_or_id).isdigit():
+            found = _experiments(session, Experiment.id == int(expert_or_id))
+            if found:
+                return found[0]
+        raise NotFoundError(f"no experiment or expert {expert_or_id!r}; see `moea ab list`")
+
+
+def stop_experiment(
+    engine: Engine, expert: str, winner: int | None = None, actor: str | None = None
+) -> ExperimentView:
+    """Stop the running experiment of `expert`; a `winner` version takes alias prod."""
+
+    def work(session: Session) -> ExperimentView:
+        bump_state(session)
+        row = find_expert(session, expert, lock=True)
+        experiment = running_experiment(session, row.id)
+        if experiment is None:
+            raise NotFoundError(f"no running experiment for {expert}; see `moea ab list`")
+        if winner is not None:
+            if winner not in {int(a["version"]) for a in experiment.arms}:
+                raise ValidationError(f"winner {winner} is not an arm of experiment {experiment.id}")
+            target = find_version(session, Ref(row.name, version=winner), f"{expert}@{winner}")
+            move_alias(
+                session, row.id, DEFAULT_ALIAS, target, "promote", actor, f"experiment {experiment.id} winner"
+            )
+        experiment.status, experiment.stopped_at, experiment.winner = "stopped", utcnow(), winner
+        session.add(experiment)
+        session.flush()
+        return experiment_view(experiment, row.name)
+
+    return db.run_transaction(engine, work)

@@ -1,0 +1,102 @@
+"""The FastAPI app of a :class:`~serving.gateway.Gateway`: routes, error handlers, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError
+from .gateway import Gateway
+
+log = logging.getLogger("moea.serving.gateway")
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app of `gateway`; its lifespan starts and stops engines, watcher and log writer."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="moea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+    _add_error_handlers(app, gateway)
+    _add_routes(app, gateway)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, gateway: Gateway) -> None:
+    """Every error as the OpenAI error JSON, counted in the gateway's metrics."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        gateway.metrics.errors.labels(_endpoint_label(request), error.code or error.type).inc()
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        gateway.metrics.errors.labels(_endpoint_label(request), "internal_error").inc()
+        return APIError(
+            500, f"internal gateway error: {error}", type="server_error", code="internal_error"
+        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return APIError(
+            error.status_code, f"{request.method} {request.url.path}: {error.detail}", code="not_found"
+        ).response()
+
+
+def _add_routes(app: FastAPI, gateway: Gateway) -> None:
+    """The OpenAI endpoints plus /v1/feedback, /health and /metrics."""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.generate(request, "completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        return gateway.models(request)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict[str, Any]:
+        return await gateway.feedback(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return gateway.health()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        gateway.authorize(request)
+        from prometheus_client import REGISTRY, generate_latest
+
+        # Process-wide collectors (request-log writer, process stats) + this gateway's own registry.
+        body = generate_latest(REGISTRY) + gateway.metrics.render()
+        return Response(body, media_type=gateway.metrics.content_type)
+
+
+def _endpoint_label(request: Request) -> str:
+    path = request.url.path
+    return (
+        "chat"
+        if path.endswith("chat/completions")
+        else "completions"
+        if path.endswith("/completions")
+        else path
+    )

@@ -1,0 +1,206 @@
+"""Forwarding one request to a vLLM replica and relaying its answer: plain JSON (gets the `moea` field)
+or a server-sent event stream passed through event by event (the first event gets the `moea` field, the
+final usage event is read for metrics and dropped unless the client asked for it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from .engine import EnginePool, EngineUnavailable, Lease
+from .errors import APIError, unavailable_error
+from .state import Target
+from .vllm_process import EngineError
+
+_USAGE_RE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
+_ID_RE = re.compile(rb'"id":\s*"([^"]+)"')
+
+
+@dataclass
+class Exchange:
+    """Book-keeping of one forwarded request, finished (metrics, request log) by the gateway."""
+
+    endpoint: str
+    target: Target
+    user: str | None
+    response_id: str
+    started: float
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    shadow: bool = False
+    gateway_error: bool = False
+    """The gateway answered the error itself (counted by the error handler, not as an engine error)."""
+
+    def response_headers(self) -> dict[str, str]:
+        """`x-moea-expert`, `x-request-id` and, inside an experiment, `x-moea-experiment`."""
+        headers = {"x-moea-expert": self.target.label, "x-request-id": self.response_id}
+        if self.target.experiment_id is not None:
+            headers["x-moea-experiment"] = str(self.target.experiment_id)
+        return headers
+
+
+def _moea_json(target: Target) -> bytes:
+    return json.dumps(target.moea_field(), separators=(",", ":")).encode()
+
+
+class Forwarder:
+    """Sends requests to the pool's replicas with its shared pooled httpx client; every exchange it
+    answers is handed to `finish` exactly once."""
+
+    def __init__(
+        self, pool: EnginePool, *, request_timeout_s: float, finish: Callable[[Exchange], None]
+    ) -> None:
+        self.pool = pool
+        self.client = pool.client
+        self.request_timeout_s = request_timeout_s
+        self.finish = finish
+
+    async def lease(self, adapter: str | None, adapter_path: str | None) -> Lease:
+        """A hold on `adapter` in some replica; engine trouble as a 503 / 500 APIError."""
+        try:
+            return await self.pool.acquire(adapter, adapter_path)
+        except EngineUnavailable as error:
+            raise unavailable_error(str(error)) from None
+        except EngineError as error:
+            raise APIError(500, str(error), type="server_error", code="adapter_load_failed") from None
+
+    def _upstream_headers(self, request_id: str) -> dict[str, str]:
+        return {"content-type": "application/json", "x-request-id": request_id, **self.pool.headers}
+
+    async def send(
+        self, lease: Lease, path: str, content: bytes, request_id: str, *, stream: bool
+    ) -> tuple[Lease, httpx.Response]:
+        """Send to the lease's replica; on a refused connection or a forgotten adapter, retry once
+        (the pool re-picks a healthy replica and reloads the adapter). Releases the lease on failure."""
+        try:
+            for attempt in range(2):
+                request = self.client.build_request(
+                    "POST",
+                    lease.replica.url + path,
+                    content=content,
+                    headers=self._upstream_headers(request_id),
+                    timeout=self.request_timeout_s,
+                )
+                try:
+                    response = await self.client.send(request, stream=stream)
+                except httpx.ConnectError:
+                    self.pool.mark_down(lease.replica, "connection refused")
+                    if attempt:
+                        raise
+                else:
+                    if response.status_code != 404 or lease.adapter is None or attempt:
+                        return lease, response
+                    await response.aread()
+                    if b"does not exist" not in response.content:
+                        return lease, response
+                    lease.replica.loaded.pop(lease.adapter, None)  # the engine lost it (restarted by someone)
+                self.pool.release(lease)
+                lease = await self.lease(lease.adapter, lease.path)
+        except BaseException:
+            self.pool.release(lease)
+            raise
+        raise AssertionError("unreachable")
+
+    async def forward(
+        self, lease: Lease, path: str, content: bytes, request_id: str, ex: Exchange
+    ) -> Response:
+        """Forward a non-streaming request; the JSON answer gets the `moea` field."""
+        try:
+            lease, response = await self.send(lease, path, content, request_id, stream=False)
+        except httpx.HTTPError as error:
+            raise unavailable_error(
+                f"engine failed during the request ({type(error).__name__}); retry"
+            ) from None
+        self.pool.release(lease)
+        body = response.content
+        ex.status = response.status_code
+        if response.status_code == 200:
+            if match := _USAGE_RE.search(body):
+                ex.prompt_tokens, ex.completion_tokens = int(match.group(1)), int(match.group(2))
+            if match := _ID_RE.search(body):
+                ex.response_id = match.group(1).decode()
+            body = body.rstrip()[:-1] + b',"moea":' + _moea_json(ex.target) + b"}"
+        self.finish(ex)
+        return Response(
+            body,
+            status_code=response.status_code,
+            media_type="application/json",
+            headers=ex.response_headers(),
+        )
+
+    async def forward_stream(
+        self, lease: Lease, path: str, content: bytes, request_id: str, ex: Exchange, strip_usage: bool
+    ) -> Response:
+        """Forward a streaming request: an engine error as its JSON, else the relayed event stream."""
+        try:
+            lease, response = await self.send(lease, path, content, request_id, stream=True)
+        except httpx.HTTPError as error:
+            raise unavailable_error(
+                f"engine failed before the stream started ({type(error).__name__}); retry"
+            ) from None
+        if response.status_code != 200:
+            body = await response.aread()
+            await response.aclose()
+            self.pool.release(lease)
+            ex.status = response.status_code
+            self.finish(ex)
+            return Response(body, status_code=response.status_code, media_type="application/json")
+        ex.status = 200
+        return StreamingResponse(
+            self._relay(response, lease, ex, strip_usage),
+            media_type="text/event-stream",
+            headers=ex.response_headers(),
+        )
+
+    async def _relay(
+        self, response: httpx.Response, lease: Lease, ex: Exchange, strip_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """Pass SSE events through; the first gets the `moea` field, the final usage event is read (and
+        maybe dropped)."""
+        pending = b""
+        first: bytes | None = b'data: {"moea":' + _moea_json(ex.target)
+        try:
+            async for chunk in response.aiter_raw():
+                pending += chunk
+                cut = pending.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                events, pending = pending[: cut + 2], pending[cut + 2 :]
+                if b'"usage":{' in events and b'"choices":[]' in events:
+                    events = take_usage(events, ex, strip_usage)
+                if first is not None and events.startswith(b"data: {"):
+                    events, first = first + b"," + events[len(b"data: {") :], None
+                if events:
+                    yield events
+            if pending:
+                yield pending
+        except httpx.HTTPError:
+            ex.status = 503  # engine died mid-stream: the client sees a truncated stream
+        except asyncio.CancelledError:
+            ex.status = 499  # client went away
+            raise
+        finally:
+            await response.aclose()
+            self.pool.release(lease)
+            self.finish(ex)
+
+
+def take_usage(events: bytes, ex: Exchange, strip: bool) -> bytes:
+    """Read the token counts of the usage event among `events` into `ex`; drop that event when `strip`."""
+    kept = []
+    for event in events.split(b"\n\n"):
+        if b'"usage":{' in event and b'"choices":[]' in event:
+            if match := _USAGE_RE.search(event):
+                ex.prompt_tokens, ex.completion_tokens = int(match.group(1)), int(match.group(2))
+            if strip:
+                continue
+        if event:
+            kept.append(event + b"\n\n")
+    return b"".join(kept)
