@@ -6,9 +6,9 @@ their 5 % error rate, and what power does the always-valid one keep? Baseline: t
 fixed-horizon test, in the same simulated experiments. The model is :mod:`serving.ab.simulation`
 (heavy-tailed requests per user, per-user effects, users arriving over the experiment, 50 looks).
 
-    python benchmarks/ab_simulation.py            # 10,000 null experiments per scenario (~2 min, 2 cores)
-    python benchmarks/ab_simulation.py --quick    # 4,000
-    python benchmarks/ab_simulation.py --smoke    # 500 (seconds; CI only checks that it runs)
+    python benchmarks/bench_ab_simulation.py            # 10,000 null experiments per scenario (~2 min, 2 cores)
+    python benchmarks/bench_ab_simulation.py --quick    # 4,000
+    python benchmarks/bench_ab_simulation.py --smoke    # 500 (seconds; CI only checks that it runs)
 
 Every batch of 1,000 (500 for 2,000-user experiments) experiments has its own seed, recorded in the JSON.
 Pure numpy: no GPU, no model, no engine.
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "ab_simulation",
         {
             "mode": size,
-            "command": " ".join(["python", "benchmarks/ab_simulation.py", *sys.argv[1:]]),
+            "command": " ".join(["python", "benchmarks/bench_ab_simulation.py", *sys.argv[1:]]),
             "scenarios": results,
             "summaries": summaries,
         },
