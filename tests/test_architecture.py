@@ -145,6 +145,25 @@ def test_modules_stay_small() -> None:
     assert not stale, f"LARGE_MODULES lists modules that are no longer large: {stale}"
 
 
+MAX_FUNCTION_LINES = 60
+
+
+def test_long_functions_say_why() -> None:
+    """A function over MAX_FUNCTION_LINES has a comment saying why, above it (or its
+    decorators) or on its `def` line."""
+    unexplained = []
+    for module, path in MODULES.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                said = lines[first - 2].lstrip().startswith("#") or "  # " in lines[node.lineno - 1]
+                if length > MAX_FUNCTION_LINES and not said:
+                    unexplained.append(f"{module}.{node.name} ({length} lines, line {node.lineno})")
+    assert not unexplained, "long functions without a reason comment above them: " + ", ".join(unexplained)
+
+
 def test_the_layering_test_sees_a_violation(tmp_path: Path) -> None:
     """The checks above read what they should: an upward import in a copy of a module is found."""
     path = tmp_path / "train_copy.py"
