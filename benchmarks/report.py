@@ -1,11 +1,14 @@
-"""Render benchmarks/results/*.json into one Markdown table (the README's benchmark section).
+"""Render benchmarks/results/*.json into Markdown tables (the README's benchmark sections).
 
-Prints the table; ``--write FILE`` also writes it, replacing the text between the markers
+Prints the summary table; ``--write FILE`` also writes it, replacing the text between the markers
 ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` when FILE has them (so it can
-refresh a section of a README in place), else writing the whole file::
+refresh a section of a README in place), else writing the whole file. When FILE also has the
+markers ``<!-- ab-simulation:start -->`` / ``<!-- ab-simulation:end -->``, the A/B simulation's
+scenario table (from ``ab_simulation.json``) is refreshed there too. The README's tables are written
+only this way (tests/benchmarks checks that they match the results files)::
 
     python benchmarks/report.py                              # print
-    python benchmarks/report.py --write benchmarks/RESULTS.md
+    python benchmarks/report.py --write README.md            # refresh the README's tables
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR  # noqa: E402
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+AB_START, AB_END = "<!-- ab-simulation:start -->", "<!-- ab-simulation:end -->"
+AB_COLUMNS = {
+    "per_request": "per request, one look (old)",
+    "per_user": "per user, one look",
+    "per_user_peeking": "per user, peeking at every look",
+    "sequential": "sequential (mSPRT), every look",
+}
 
 
 def _number(value: Any) -> str:
@@ -40,6 +50,11 @@ def _machine(doc: dict[str, Any]) -> str:
     return f"{cpu}, {gpu}" if gpu else cpu
 
 
+def _commit(doc: dict[str, Any]) -> str:
+    """The commit the result was measured on (``-dirty``: uncommitted changes were in the tree)."""
+    return str((doc.get("machine") or {}).get("git_commit") or "?")
+
+
 def rows(results_dir: Path) -> list[list[str]]:
     """One table row per summary in each result file (a file may hold ``summary`` or ``summaries``)."""
     table: list[list[str]] = []
@@ -47,7 +62,7 @@ def rows(results_dir: Path) -> list[list[str]]:
         try:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            table.append([path.stem, f"unreadable: {error}", *["–"] * 6])
+            table.append([path.stem, f"unreadable: {error}", *["–"] * 7])
             continue
         summaries = doc.get("summaries") or ([doc["summary"]] if doc.get("summary") else [])
         mode = doc.get("mode", "?")
@@ -66,29 +81,59 @@ def rows(results_dir: Path) -> list[list[str]]:
                     f"≥ {target}×" if target is not None else "–",
                     verdict,
                     _machine(doc),
+                    _commit(doc),
                 ]
             )
         if not summaries:
             table.append(
-                [f"{doc.get('benchmark', path.stem)} ({mode})", "no summary", *["–"] * 5, _machine(doc)]
+                [f"{doc.get('benchmark', path.stem)} ({mode})", "no summary", *["–"] * 5, _machine(doc), _commit(doc)]
             )
     return table
 
 
 def markdown(results_dir: Path) -> str:
     """The Markdown table of all results in ``results_dir``."""
-    header = ["benchmark", "question [metric, unit]", "moea", "baseline", "ratio", "target", "met", "machine"]
+    header = ["benchmark", "question [metric, unit]", "moea", "baseline", "ratio", "target", "met", "machine", "commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows(results_dir)]
     return "\n".join(lines) + "\n"
 
 
-def write(table: str, target: Path) -> None:
-    """Replace the marked section of ``target`` with ``table`` (or write the whole file)."""
+def ab_simulation_markdown(results_dir: Path) -> str | None:
+    """The A/B simulation's scenario table: rejection rate of each analysis per scenario (None: no results)."""
+    path = results_dir / "ab_simulation.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    header = ["scenario", "experiments", *AB_COLUMNS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, result in doc["scenarios"].items():
+        rates = result["rejection_rate"]
+        cells = [f"{rates[key]:.3f}" for key in AB_COLUMNS]
+        lines.append(f"| {name} | {result['settings']['experiments']:,} | " + " | ".join(cells) + " |")
+    source = f"`{doc.get('command', '?')}`, commit {_commit(doc)}, {_machine(doc)}, {doc.get('created_at', '?')}"
+    return "\n".join(lines) + f"\n\n{source}\n"
+
+
+def marked_section(text: str, start: str, end: str) -> str | None:
+    """What lies between the markers ``start`` and ``end`` in ``text`` (None: markers absent)."""
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].removeprefix("\n")
+
+
+def _replace_section(text: str, start: str, end: str, body: str) -> str:
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
+def write(table: str, target: Path, ab_table: str | None = None) -> None:
+    """Replace the marked sections of ``target`` with ``table`` / ``ab_table`` (or write the whole file)."""
     if target.is_file() and START in (text := target.read_text()) and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        target.write_text(f"{before}{START}\n{table}{END}{after}")
+        text = _replace_section(text, START, END, table)
+        if ab_table is not None and AB_START in text and AB_END in text:
+            text = _replace_section(text, AB_START, AB_END, ab_table)
+        target.write_text(text)
     else:
         target.write_text(f"# Benchmark results\n\n{START}\n{table}{END}\n")
 
@@ -101,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(args.results_dir)
     print(table, end="")
     if args.write:
-        write(table, args.write)
+        write(table, args.write, ab_simulation_markdown(args.results_dir))
     return 0
 
 

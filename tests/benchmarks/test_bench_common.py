@@ -76,6 +76,16 @@ def test_report_renders_summaries_and_refreshes_a_marked_section(tmp_path: Path)
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "1.70×" in text
 
 
+def test_readme_tables_are_the_ones_generated_from_the_results_files() -> None:
+    """The README's benchmark and A/B simulation tables are written by report.py, never by hand."""
+    readme = (BENCH.parent / "README.md").read_text()
+    fix = "run `python benchmarks/report.py --write README.md`"
+    assert report.marked_section(readme, report.START, report.END) == report.markdown(common.RESULTS_DIR), fix
+    ab_table = report.ab_simulation_markdown(common.RESULTS_DIR)
+    assert ab_table is not None
+    assert report.marked_section(readme, report.AB_START, report.AB_END) == ab_table, fix
+
+
 def test_run_all_rejects_unknown_arguments() -> None:
     result = subprocess.run([str(BENCH / "run_all"), "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown argument" in result.stderr
