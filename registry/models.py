@@ -262,9 +262,11 @@ class Experiment(SQLModel, table=True):
 
 
 class RequestLog(SQLModel, table=True):
-    """One served request (written in batches by the gateway)."""
+    """One served request (written in batches by the gateway). (request_id, shadow) is unique, so the
+    gateway's spool can re-insert a batch after a crash and each request is still logged once."""
 
     __tablename__ = "requests"
+    __table_args__ = (Index("uq_requests_request_id_shadow", "request_id", "shadow", unique=True),)
     id: int | None = Field(default=None, primary_key=True)
     request_id: str = Field(sa_type=String(128), nullable=False, index=True)
     created_at: datetime = _ts()
@@ -281,14 +283,17 @@ class RequestLog(SQLModel, table=True):
 
 
 class Outcome(SQLModel, table=True):
-    """Feedback for a request: a reward and/or thumbs up/down."""
+    """Feedback for a request: a reward and/or thumbs up/down. ``outcome_id`` (unique when set; the
+    gateway sets one per feedback call) makes re-inserting a spooled outcome a no-op."""
 
     __tablename__ = "outcomes"
+    __table_args__ = (Index("uq_outcomes_outcome_id", "outcome_id", unique=True),)
     id: int | None = Field(default=None, primary_key=True)
     request_id: str = Field(sa_type=String(128), nullable=False, index=True)
     created_at: datetime = _ts()
     reward: float | None = Field(default=None, sa_type=Float, nullable=True)
     thumbs: bool | None = Field(default=None, sa_type=Boolean, nullable=True)
+    outcome_id: str | None = Field(default=None, sa_type=String(64), nullable=True)
 
 
 class RegistryState(SQLModel, table=True):
@@ -450,3 +455,5 @@ class OutcomeRecord:
     created_at: datetime
     reward: float | None = None
     thumbs: bool | None = None
+    outcome_id: str | None = None
+    """Idempotency key: an outcome with an id already stored is not inserted again (None: always inserted)."""

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import cast
 
 from sqlalchemy import Engine, Table, bindparam, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy import select as sa_select
 
 from . import db
@@ -45,18 +46,32 @@ Q_EXPERIMENT_OUTCOMES = (
 )
 
 
+def _insert_new(engine: Engine, table: Table, key: list[str], rows: list[dict]) -> None:
+    """Insert `rows` in one transaction, skipping rows whose unique `key` is already stored.
+
+    SQLite and PostgreSQL: ``INSERT ... ON CONFLICT (key) DO NOTHING``. Other databases get a plain
+    insert (a repeated key then fails the transaction with an IntegrityError)."""
+    dialect = engine.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        module = sqlite if dialect == "sqlite" else postgresql
+        statement = module.insert(table).on_conflict_do_nothing(index_elements=key)
+    else:
+        statement = insert(table)
+    db.run_transaction(engine, lambda s: s.connection().execute(statement, rows))
+
+
 def log_requests(engine: Engine, records: list[RequestRecord]) -> None:
-    """Insert a batch of request records in one transaction (does not change the state token)."""
+    """Insert a batch of request records in one transaction (does not change the state token).
+
+    Idempotent: a record whose (request_id, shadow) is already logged is skipped."""
     if records:
-        rows = [asdict(r) for r in records]
-        db.run_transaction(engine, lambda s: s.connection().execute(insert(RequestLog.__table__), rows))
+        _insert_new(engine, _REQUESTS, ["request_id", "shadow"], [asdict(r) for r in records])
 
 
 def record_outcomes(engine: Engine, records: list[OutcomeRecord]) -> None:
-    """Insert a batch of outcomes in one transaction."""
+    """Insert a batch of outcomes in one transaction; one whose outcome_id is already stored is skipped."""
     if records:
-        rows = [asdict(r) for r in records]
-        db.run_transaction(engine, lambda s: s.connection().execute(insert(Outcome.__table__), rows))
+        _insert_new(engine, _OUTCOMES, ["outcome_id"], [asdict(r) for r in records])
 
 
 def experiment_requests(engine: Engine, experiment_id: int) -> list[RequestRecord]:
