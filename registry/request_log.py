@@ -6,8 +6,8 @@ from dataclasses import asdict
 from typing import cast
 
 from sqlalchemy import Engine, Table, bindparam, insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from . import db
 from .models import Outcome, OutcomeRecord, RequestLog, RequestRecord, as_utc

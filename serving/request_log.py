@@ -1,153 +1,151 @@
-"""Background writer of the request log and feedback outcomes into the registry database.
+"""Request log and feedback outcomes: spooled to a local file first, then drained into the registry.
 
 The gateway calls :meth:`RequestLogWriter.submit_request` / :meth:`~RequestLogWriter.submit_outcome`
-on the request path: they only put the record on a bounded in-memory queue and never block or raise.
-One daemon thread takes records off the queue and writes them in batches (``registry.log_requests``
-and ``registry.record_outcomes``, one transaction each), so a request never waits for the database.
+on the request path. They append one line to this process's spool file (:mod:`serving.request_spool`)
+and return: no database on the request path, never an exception. A daemon thread reads the spool and
+writes it in batches (``registry.log_requests`` / ``registry.record_outcomes``, one transaction each).
 
-Delivery rules:
+Nothing lost:
 
-* A batch is written when it holds ``batch_size`` records or ``flush_interval_s`` after its first
-  record, whichever comes first. Requests of a batch are written before its outcomes, so feedback on
-  a request always follows the request into the database.
-* A failing batch is retried with exponential backoff (``max_retries`` times; e.g. SQLite busy). If it
-  still fails it is written record by record, so one bad record (say feedback for an unknown id) is
-  dropped and counted as ``rejected`` instead of taking the batch down with it.
-* Records are dropped, and counted, only when the queue is full (overload: ``queue_full``), after
-  :meth:`~RequestLogWriter.close` (``closed``) or when the database refuses them (``rejected``).
-* :meth:`~RequestLogWriter.close` drains the queue and writes everything: a clean shutdown loses
-  nothing. It is also registered with :mod:`atexit` as a safety net.
+* *Database down.* A batch that fails for any reason but a bad record stays in the spool and is tried
+  again, with backoff (``retry_backoff_s`` doubling up to ``max_backoff_s``), for as long as it takes.
+  The spool grows on disk meanwhile (bounded by ``max_spool_bytes``).
+* *Process killed* (SIGKILL, OOM, crash). A record is in the kernel once ``submit_*`` returns, so it
+  outlives the process. The next writer on the same spool directory (a restarted gateway, or another
+  gateway on the host, which look every ``adopt_interval_s``) claims the dead process's file and drains
+  it. Each process appends only to files it holds under an exclusive ``flock``.
+* *Exactly once.* Requests are unique on (request_id, shadow) and outcomes on ``outcome_id`` (set here
+  when the caller has none), and the registry inserts with ``ON CONFLICT DO NOTHING``; so a batch
+  written again after a crash, or after an error whose commit had in fact happened, adds nothing.
+* *fsync policy.* ``fsync_interval_s`` (default 1 s): the thread fsyncs the spool at most that often
+  while it has new lines. A killed process loses nothing either way (its writes are in the page cache);
+  a power cut or kernel crash can lose the last interval. ``fsync_interval_s=0`` fsyncs every record on
+  the request path (a power cut loses nothing, each request pays one fsync, ~0.1-10 ms by disk).
 
-Counts are in :meth:`RequestLogWriter.stats` and in Prometheus series (``moea_request_log_*``)
-registered in the registry passed as ``metrics_registry`` (the gateway passes its own for ``/metrics``).
+Records are dropped, and counted, only when the spool is over ``max_spool_bytes`` (``spool_full``), the
+spool cannot be written (``spool_error``: disk full, folder gone), after :meth:`~RequestLogWriter.close`
+(``closed``), when the database refuses one record for good (``rejected``: a constraint or value error,
+never an outage) or when a line was damaged on disk (``damaged``). Rejected and damaged lines are copied
+to ``rejected.log`` in the spool directory. A clean :meth:`~RequestLogWriter.close` drains the spool and
+deletes this process's files; when the database is still down at the close timeout, they stay for the
+next writer. Counts are in :meth:`RequestLogWriter.stats` and Prometheus series ``moea_request_log_*``
+(written, dropped, retries; backlog gauges ``spool_rows`` and ``spool_bytes``).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import time
+import uuid
 from collections import Counter as CountDict
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-__all__ = ["RequestLogWriter", "WriterMetrics", "WriterStats"]
+from .request_spool import (
+    SUFFIX,
+    Batch,
+    RecordKind,
+    Segment,
+    WriterMetrics,
+    WriterStats,
+    default_spool_dir,
+    encode,
+)
+
+__all__ = ["RequestLogWriter", "WriterMetrics", "WriterStats", "default_spool_dir"]
 
 logger = logging.getLogger(__name__)
 
-RecordKind = Literal["request", "outcome"]
-
-
-class WriterMetrics:
-    """The writer's Prometheus series, registered in the given registry (e.g. the gateway's)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.written = Counter(
-            "moea_request_log_written",
-            "Records written to the registry database.",
-            ["kind"],
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "moea_request_log_dropped",
-            "Records dropped: queue_full (overload), closed (after shutdown), rejected (by the database).",
-            ["kind", "reason"],
-            registry=registry,
-        )
-        self.retries = Counter(
-            "moea_request_log_retries", "Batch writes retried after a database error.", registry=registry
-        )
-        self.queue_depth = Gauge(
-            "moea_request_log_queue_depth", "Records waiting to be written.", registry=registry
-        )
-
 
 def _is_permanent(error: Exception) -> bool:
-    """Errors that retrying cannot fix: the registry's own (validation, unknown id) and constraint ones."""
+    """Errors of the record itself (constraint, value, type, registry validation): trying again cannot help.
+    Anything else (connection refused, file missing, busy too long) is an outage: keep and retry."""
     from sqlalchemy.exc import DataError, IntegrityError
 
-    own = type(error).__module__.split(".")[0] == "registry"
-    return own or isinstance(error, IntegrityError | DataError | ValueError | TypeError)
+    from registry.errors import ValidationError
+
+    return isinstance(error, IntegrityError | DataError | ValueError | TypeError | ValidationError)
 
 
 class LogRegistry(Protocol):
-    """The two registry methods the writer calls (one transaction per call)."""
+    """The two registry methods the writer calls (one transaction per call, idempotent)."""
 
     def log_requests(self, records: list[Any]) -> None: ...
 
     def record_outcomes(self, records: list[Any]) -> None: ...
 
 
-@dataclass
-class WriterStats:
-    """A snapshot of what the writer has done so far."""
-
-    queued: int = 0
-    """Records waiting in the queue right now."""
-    written: dict[str, int] = field(default_factory=dict)
-    """kind → records written."""
-    dropped: dict[str, int] = field(default_factory=dict)
-    """``"<kind>:<reason>"`` → records dropped."""
-    batches: int = 0
-    """Database transactions that wrote a batch (one per record kind present in a batch)."""
-    retries: int = 0
-    last_error: str | None = None
-
-
-_STOP = object()  # queue sentinel: drain what is queued, then exit
-
-
 class RequestLogWriter:
-    """Writes request and outcome records to the registry in the background, in batches.
+    """Spools request and outcome records, and drains the spool into the registry in batches.
 
     Args:
         registry: Anything with ``log_requests(list)`` and ``record_outcomes(list)``, normally
             :class:`registry.service.Registry`.
+        spool_dir: Spool directory (created); default :func:`default_spool_dir` of ``registry.url``.
+            Give every registry its own; gateways of one registry on one host may share it.
         batch_size: Most records per database transaction.
         flush_interval_s: Longest a record waits in a partial batch.
-        max_queue: Queue bound; beyond it new records are dropped (and counted), never blocking.
-        max_retries: Retries of a failing batch before it is written record by record.
-        retry_backoff_s: First retry delay; doubles per retry.
+        fsync_interval_s: Longest spooled data waits for an fsync; 0 = fsync every record (see above).
+        max_spool_bytes: Spool backlog beyond which new records are dropped (and counted).
+        segment_bytes: A fully drained spool file this large is replaced by a fresh one.
+        retry_backoff_s, max_backoff_s: First and longest wait between tries while the database fails.
+        adopt_interval_s: How often to look for spool files of dead processes.
         metrics_registry: Prometheus registry for the ``moea_request_log_*`` series (pass the
             gateway's so ``/metrics`` shows them); a private one when None.
     """
 
-    def __init__(
+    def __init__(  # long: one line per setting, each documented above
         self,
         registry: LogRegistry,
+        spool_dir: Path | str | None = None,
         batch_size: int = 256,
         flush_interval_s: float = 1.0,
-        max_queue: int = 100_000,
-        max_retries: int = 5,
+        fsync_interval_s: float = 1.0,
+        max_spool_bytes: int = 1 << 30,
+        segment_bytes: int = 4 << 20,
         retry_backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        adopt_interval_s: float = 30.0,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
-        if batch_size < 1 or flush_interval_s <= 0 or max_queue < 1 or max_retries < 0:
+        if batch_size < 1 or flush_interval_s <= 0 or fsync_interval_s < 0 or max_spool_bytes < 1:
             raise ValueError(
-                "batch_size, max_queue ≥ 1, flush_interval_s > 0 and max_retries ≥ 0 are required"
+                "batch_size, max_spool_bytes ≥ 1, flush_interval_s > 0, fsync_interval_s ≥ 0 required"
             )
+        if spool_dir is None:
+            if not isinstance(getattr(registry, "url", None), str):
+                raise ValueError("spool_dir is required when the registry has no `url`")
+            spool_dir = default_spool_dir(registry.url)  # type: ignore[attr-defined]
         self.registry = registry
-        self.batch_size = batch_size
-        self.flush_interval_s = flush_interval_s
-        self.max_retries = max_retries
-        self.retry_backoff_s = retry_backoff_s
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.batch_size, self.flush_interval_s = batch_size, flush_interval_s
+        self.fsync_interval_s, self.max_spool_bytes, self.segment_bytes = (
+            fsync_interval_s,
+            max_spool_bytes,
+            segment_bytes,
+        )
+        self.retry_backoff_s, self.max_backoff_s = retry_backoff_s, max_backoff_s
+        self.adopt_interval_s = adopt_interval_s
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._pending = 0  # submitted but not yet written or dropped (guarded by _lock)
+        self._wake = threading.Condition(self._lock)
+        self._segment: Segment | None = None  # this process's, appended to under _lock
+        self._orphans: list[Segment] = []  # claimed from dead processes (thread only)
         self._written: CountDict[str] = CountDict()
         self._dropped: CountDict[str] = CountDict()
-        self._batches = 0
-        self._retries = 0
+        self._batches = self._retries = self._adopted = 0
         self._last_error: str | None = None
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._closed = self._abandon = False
         self.metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
         self.metrics = WriterMetrics(self.metrics_registry)
+        self.metrics.spool_rows.set_function(lambda: self._backlog()[0])
+        self.metrics.spool_bytes.set_function(lambda: self._backlog()[1])
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -158,29 +156,40 @@ class RequestLogWriter:
                 raise RuntimeError("RequestLogWriter was closed; create a new one")
             if self._thread is not None:
                 return self
+        self._adopt()  # what a killed process left is claimed before start() returns
+        with self._lock:
+            if self._thread is not None:
+                return self
             self._thread = threading.Thread(target=self._run, name="moea-request-log", daemon=True)
             self._thread.start()
         atexit.register(self.close)
         return self
 
     def close(self, timeout: float | None = 60.0) -> WriterStats:
-        """Stop accepting records, write everything queued, stop the thread (idempotent)."""
+        """Stop accepting records, drain the spool (up to `timeout`), stop the thread (idempotent).
+
+        What the database did not take by then stays in the spool for the next writer."""
         with self._lock:
             already_closed, self._closed = self._closed, True
             thread = self._thread
+            self._wake.notify_all()
         if already_closed:
             return self.stats()
         atexit.unregister(self.close)
-        if thread is not None and thread.is_alive():
-            try:
-                self._queue.put(_STOP, timeout=timeout)  # waits only while a full queue drains
-            except queue.Full:
-                logger.warning("request log: queue still full after %.0fs; stopping anyway", timeout)
+        if thread is not None:
             thread.join(timeout)
-        if thread is None or not thread.is_alive():
-            self._drain_synchronously()  # never started, or the thread ended: write the rest here
-        elif self._pending:
-            logger.warning("request log: %d records still unwritten after %.0fs", self._pending, timeout)
+            if thread.is_alive():
+                with self._lock:
+                    self._abandon = True
+                    self._wake.notify_all()
+                rows, size = self._backlog()
+                logger.warning("request log: %d records (%d bytes) stay in the spool %s for the next gateway",
+                               rows, size, self.spool_dir)  # fmt: skip
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._adopt()
+            self._drain_loop(lambda: deadline is not None and time.monotonic() > deadline)
+            self._finish()
         return self.stats()
 
     def __enter__(self) -> RequestLogWriter:
@@ -192,127 +201,201 @@ class RequestLogWriter:
     # -- request path ----------------------------------------------------------------------------
 
     def submit_request(self, record: Any) -> bool:
-        """Queue a ``RequestRecord``; False when it was dropped. Never blocks, never raises."""
+        """Spool a ``RequestRecord``; False when it was dropped. Never raises."""
         return self._submit("request", record)
 
     def submit_outcome(self, record: Any) -> bool:
-        """Queue an ``OutcomeRecord``; False when it was dropped. Never blocks, never raises."""
+        """Spool an ``OutcomeRecord`` (an ``outcome_id`` is given when it has none); False when dropped."""
+        if getattr(record, "outcome_id", "") is None:
+            record = replace(record, outcome_id=uuid.uuid4().hex)
         return self._submit("outcome", record)
 
     def _submit(self, kind: RecordKind, record: Any) -> bool:
         try:
-            with self._lock:  # put_nowait never blocks; under the lock no record slips in after close
+            line = encode(kind, record)
+            with self._lock:  # under the lock no record slips in after close
                 if self._closed:
                     self._count_drop(kind, "closed", 1)
                     return False
-                try:
-                    self._queue.put_nowait((kind, record))
-                except queue.Full:
-                    self._count_drop(kind, "queue_full", 1)
+                if self._backlog_locked()[1] + len(line) > self.max_spool_bytes:
+                    self._count_drop(kind, "spool_full", 1)
                     return False
-                self._pending += 1
-            self.metrics.queue_depth.inc()
+                try:
+                    if self._segment is None:
+                        self._segment = Segment.create(self.spool_dir)
+                    self._segment.append(line)
+                    if self.fsync_interval_s == 0:
+                        self._segment.fsync()
+                except OSError as error:
+                    self._count_drop(kind, "spool_error", 1)
+                    self._last_error = f"spool: {error}"
+                    logger.warning("request log: cannot write the spool in %s: %s", self.spool_dir, error)
+                    return False
+                if self._segment.rows >= self.batch_size:
+                    self._wake.notify_all()
             return True
         except Exception:  # noqa: BLE001 - the request path must never fail because of logging
-            logger.exception("request log: could not queue a %s record", kind)
+            logger.exception("request log: could not spool a %s record", kind)
             return False
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Block until every record submitted so far is written or dropped; False on timeout.
+        """Block until every record spooled so far is in the database (or dropped); False on timeout.
 
-        Meant for tests and shutdown hooks; the writer flushes on its own schedule otherwise.
-        """
+        Meant for tests and shutdown hooks; the writer flushes on its own schedule otherwise."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                if self._thread is None or not self._thread.is_alive():
-                    break
-                self._idle.wait(0.5 if remaining is None else min(remaining, 0.5))
-        if self._pending and (self._thread is None or not self._thread.is_alive()):
-            self._drain_synchronously()
-        return self._pending == 0
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._drain_loop(lambda: deadline is not None and time.monotonic() > deadline)
+            return self._backlog()[0] == 0
+        while self._backlog()[0]:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            with self._lock:
+                self._wake.notify_all()
+            time.sleep(0.02)
+        return True
 
     def stats(self) -> WriterStats:
         """Counts of records written, dropped and waiting."""
         with self._lock:
+            rows, size = self._backlog_locked()
             return WriterStats(
-                queued=self._pending,
-                written=dict(self._written),
-                dropped=dict(self._dropped),
-                batches=self._batches,
-                retries=self._retries,
-                last_error=self._last_error,
-            )
+                queued=rows, spool_bytes=size, written=dict(self._written), dropped=dict(self._dropped),
+                batches=self._batches, retries=self._retries, adopted=self._adopted, last_error=self._last_error,
+            )  # fmt: skip
+
+    def _backlog(self) -> tuple[int, int]:
+        with self._lock:
+            return self._backlog_locked()
+
+    def _backlog_locked(self) -> tuple[int, int]:
+        segments = [*self._orphans, *([self._segment] if self._segment is not None else [])]
+        return sum(s.rows for s in segments), sum(s.backlog_bytes for s in segments)
 
     # -- background thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch, stopping = self._collect_batch()
-            if batch:
-                try:
-                    self._write_batch(batch)
-                except Exception:  # noqa: BLE001 - a bug here must not stop logging for good
-                    logger.exception("request log: unexpected error writing a batch")
-
-    def _collect_batch(self) -> tuple[list[tuple[RecordKind, Any]], bool]:
-        """Wait for a first record, then gather more until full or the flush interval ends."""
-        first = self._queue.get()
-        if first is _STOP:
-            return self._take_all_nowait(), True
-        batch = [first]
-        deadline = time.monotonic() + self.flush_interval_s
-        while len(batch) < self.batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch + self._take_all_nowait(), True
-            batch.append(item)
-        return batch, False
-
-    def _take_all_nowait(self) -> list[tuple[RecordKind, Any]]:
-        items = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return items
-            if item is not _STOP:
-                items.append(item)
-
-    def _drain_synchronously(self) -> None:
-        items = self._take_all_nowait()
-        for start in range(0, len(items), self.batch_size):
-            self._write_batch(items[start : start + self.batch_size])
-
-    def _write_batch(self, batch: list[tuple[RecordKind, Any]]) -> None:
-        """Write requests then outcomes of one batch (so feedback never precedes its request)."""
         try:
-            self.metrics.queue_depth.dec(len(batch))
-            for kind in ("request", "outcome"):
-                records = [record for record_kind, record in batch if record_kind == kind]
-                if not records:
-                    continue
-                written = self._write_with_retry(kind, records)
-                self.metrics.written.labels(kind).inc(written)
-                with self._lock:
-                    self._written[kind] += written
-                    self._batches += 1
-                    if written < len(records):
-                        self._count_drop(kind, "rejected", len(records) - written)
+            self._drain_loop(lambda: self._abandon, background=True)
         finally:
+            self._finish()
+
+    def _drain_loop(self, give_up: Any, background: bool = False) -> None:
+        """Drain until the spool is empty (when closing, or in the foreground) or `give_up()`.
+
+        The thread's main loop: a batch is written once `batch_size` records wait or `flush_interval_s`
+        after the last write; while the database fails, tries are spaced by the backoff."""
+        backoff = self.retry_backoff_s
+        next_drain, next_adopt = 0.0, time.monotonic() + self.adopt_interval_s  # start() adopted
+        next_fsync = time.monotonic() + (self.fsync_interval_s or 1.0)
+        blocked = False
+        while not give_up():
+            now = time.monotonic()
+            if background and now >= next_adopt:
+                self._adopt()
+                next_adopt = now + self.adopt_interval_s
+            if now >= next_fsync:
+                self._fsync()
+                next_fsync = now + (self.fsync_interval_s or 1.0)
+            if now >= next_drain or (not blocked and self._drain_due()):
+                try:
+                    state = self._drain_step()
+                except Exception as error:  # noqa: BLE001 - a bug here must not stop logging for good
+                    logger.exception("request log: unexpected error draining the spool")
+                    self._note_error("request", error)
+                    state = "blocked"
+                blocked = state == "blocked"
+                if state == "progress":
+                    backoff = self.retry_backoff_s
+                    continue
+                if blocked:
+                    with self._lock:
+                        self._retries += 1
+                    self.metrics.retries.inc()
+                    next_drain, backoff = now + backoff, min(backoff * 2, self.max_backoff_s)
+                else:
+                    if self._closed or not background:
+                        return
+                    next_drain = now + self.flush_interval_s
             with self._lock:
-                self._pending -= len(batch)
-                self._idle.notify_all()
+                if give_up() or (not blocked and self._drain_due_locked()):
+                    continue
+                wake_at = min(next_drain, next_fsync, next_adopt if background else next_drain)
+                self._wake.wait(max(0.0, wake_at - time.monotonic()))
+
+    def _drain_due(self) -> bool:
+        with self._lock:
+            return self._drain_due_locked()
+
+    def _drain_due_locked(self) -> bool:
+        own = self._segment.rows if self._segment is not None else 0
+        return self._closed or own >= self.batch_size
+
+    def _drain_step(self) -> str:
+        """Store one batch: "progress", "blocked" (the database failed; nothing consumed) or "idle"."""
+        if self._orphans:
+            segment = self._orphans[0]
+            batch = segment.read(self.batch_size)
+            if not batch.records and not batch.damaged:
+                if segment.torn_tail():
+                    logger.warning("request log: %d bytes of an unfinished line at the end of %s (skipped)",
+                                   segment.torn_tail(), segment.path)  # fmt: skip
+                    self._reject("unknown", [segment.read_tail()], "damaged", ["unfinished line"])
+                with self._lock:
+                    self._orphans.pop(0)
+                segment.close(remove=True)
+                return "progress"
+            return "progress" if self._store(segment, batch) else "blocked"
+        segment = self._segment
+        if segment is None:
+            return "idle"
+        batch = segment.read(self.batch_size)
+        if batch.records or batch.damaged:
+            return "progress" if self._store(segment, batch) else "blocked"
+        with self._lock:  # drained: start a fresh file once this one is big
+            if segment.read_offset == segment.size and segment.size >= self.segment_bytes:
+                self._segment = None
+                segment.close(remove=True)
+        return "idle"
+
+    def _store(self, segment: Segment, batch: Batch) -> bool:
+        """Write requests, then outcomes (feedback never precedes its request); advance on success."""
+        if batch.damaged:
+            self._reject("unknown", batch.damaged, "damaged", ["damaged spool line"] * len(batch.damaged))
+        for kind in ("request", "outcome"):
+            items = [(record, line) for record_kind, record, line in batch.records if record_kind == kind]
+            if items and not self._write_kind(kind, items):  # type: ignore[arg-type]
+                return False
+        with self._lock:
+            segment.read_offset = batch.end
+            segment.rows -= len(batch.records) + len(batch.damaged)
+        return True
+
+    def _write_kind(self, kind: RecordKind, items: list[tuple[Any, bytes]]) -> bool:
+        """One transaction for the batch; if the database refuses a record, write one by one and reject
+        only the refused ones. False when the database is unavailable (nothing is dropped then)."""
+        try:
+            self._write(kind, [record for record, _ in items])
+            self._count_written(kind, len(items))
+            return True
+        except Exception as error:  # noqa: BLE001 - any database error: classify it
+            self._note_error(kind, error)
+            if not _is_permanent(error):
+                return False
+        refused: list[bytes] = []
+        reasons: list[str] = []
+        for record, line in items:
+            try:
+                self._write(kind, [record])
+                self._count_written(kind, 1)
+            except Exception as error:  # noqa: BLE001
+                self._note_error(kind, error)
+                if not _is_permanent(error):
+                    return False  # an outage began: the rest stays spooled (rewriting is idempotent)
+                refused.append(line)
+                reasons.append(self._last_error or "")
+        self._reject(kind, refused, "rejected", reasons)
+        return True
 
     def _write(self, kind: RecordKind, records: list[Any]) -> None:
         if kind == "request":
@@ -320,32 +403,61 @@ class RequestLogWriter:
         else:
             self.registry.record_outcomes(records)
 
-    def _write_with_retry(self, kind: RecordKind, records: list[Any]) -> int:
-        """Write ``records`` in one transaction, retrying; fall back to one by one. Returns written count."""
-        delay = self.retry_backoff_s
-        for attempt in range(self.max_retries + 1):
-            try:
-                self._write(kind, records)
-                return len(records)
-            except Exception as error:  # noqa: BLE001 - any database error: retry, then isolate
-                self._note_error(kind, error)
-                if attempt == self.max_retries or _is_permanent(error):
-                    break
-                self.metrics.retries.inc()
+    def _adopt(self) -> None:
+        """Claim spool files whose process is gone (their flock is free)."""
+        mine = {s.path for s in [*self._orphans, self._segment] if s is not None}
+        try:
+            paths = sorted(self.spool_dir.glob(f"*{SUFFIX}"))
+        except OSError as error:
+            logger.warning("request log: cannot list the spool %s: %s", self.spool_dir, error)
+            return
+        for path in paths:
+            if path in mine:
+                continue
+            segment = Segment.claim(path)
+            if segment is not None:
+                logger.info("request log: draining %s (%d records) of a stopped process", path, segment.rows)
                 with self._lock:
-                    self._retries += 1
-                time.sleep(delay)
-                delay *= 2
-        if len(records) == 1:
-            return 0
-        written = 0
-        for record in records:  # isolate the record(s) the database refuses
+                    self._orphans.append(segment)
+                    self._adopted += 1
+
+    def _fsync(self) -> None:
+        with self._lock:
+            segment = self._segment
+        if segment is not None:
             try:
-                self._write(kind, [record])
-                written += 1
-            except Exception as error:  # noqa: BLE001
-                self._note_error(kind, error)
-        return written
+                segment.fsync()
+            except OSError as error:
+                logger.warning("request log: fsync of %s failed: %s", segment.path, error)
+
+    def _finish(self) -> None:
+        """Release every spool file; delete those fully in the database."""
+        with self._lock:
+            segments = [*self._orphans, *([self._segment] if self._segment is not None else [])]
+            self._orphans, self._segment = [], None
+        for segment in segments:
+            segment.close(remove=segment.read_offset == segment.size)
+
+    # -- counting --------------------------------------------------------------------------------
+
+    def _count_written(self, kind: RecordKind, count: int) -> None:
+        self.metrics.written.labels(kind).inc(count)
+        with self._lock:
+            self._written[kind] += count
+            self._batches += 1
+
+    def _reject(self, kind: str, lines: list[bytes], reason: str, errors: list[str]) -> None:
+        """Count dropped lines and keep them in ``rejected.log`` (line, tab, error) for a person to look at."""
+        if not lines:
+            return
+        try:
+            with open(self.spool_dir / "rejected.log", "ab") as file:
+                for line, error in zip(lines, errors, strict=True):
+                    file.write(line + b"\t" + error.encode() + b"\n")
+        except OSError as error:
+            logger.warning("request log: cannot write %s: %s", self.spool_dir / "rejected.log", error)
+        with self._lock:
+            self._count_drop(kind, reason, len(lines))
 
     def _note_error(self, kind: RecordKind, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -353,7 +465,7 @@ class RequestLogWriter:
         with self._lock:
             self._last_error = message
 
-    def _count_drop(self, kind: RecordKind, reason: str, count: int) -> None:
+    def _count_drop(self, kind: str, reason: str, count: int) -> None:
         """Count dropped records (caller holds ``_lock``)."""
         self._dropped[f"{kind}:{reason}"] += count
         self.metrics.dropped.labels(kind, reason).inc(count)

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 from registry.service import Registry
 from serving.request_log import RequestLogWriter
+from serving.request_spool import encode
 
 from .registry_fixtures import make_run_dir
 
@@ -109,19 +110,20 @@ def test_close_without_start_writes_synchronously(registry: Registry, experiment
     assert len(registry.experiment_requests(experiment.id)) == 5
 
 
-def test_overload_drops_are_counted_never_raised(registry: Registry, experiment: ExperimentView) -> None:
-    writer = RequestLogWriter(registry, max_queue=10)  # not started: nothing drains the queue
+def test_a_full_spool_drops_are_counted_never_raised(registry: Registry, experiment: ExperimentView) -> None:
+    line = len(encode("request", request(0, experiment.id)))
+    writer = RequestLogWriter(registry, max_spool_bytes=10 * line + line // 2)  # not started: nothing drains
     accepted = [writer.submit_request(request(index, experiment.id)) for index in range(15)]
     assert accepted == [True] * 10 + [False] * 5
-    assert writer.stats().dropped == {"request:queue_full": 5}
+    assert writer.stats().dropped == {"request:spool_full": 5}
     dropped = writer.metrics_registry.get_sample_value(
-        "moea_request_log_dropped_total", {"kind": "request", "reason": "queue_full"}
+        "moea_request_log_dropped_total", {"kind": "request", "reason": "spool_full"}
     )
     assert dropped == 5
     writer.close()
     assert len(registry.experiment_requests(experiment.id)) == 10
     assert writer.submit_outcome(outcome(1)) is False  # after close: dropped and counted, not raised
-    assert writer.stats().dropped == {"request:queue_full": 5, "outcome:closed": 1}
+    assert writer.stats().dropped == {"request:spool_full": 5, "outcome:closed": 1}
     writer.close()  # idempotent
 
 
@@ -178,9 +180,11 @@ class FailingFirstCalls:
         self.registry.record_outcomes(records)
 
 
-def test_transient_errors_are_retried_with_backoff(registry: Registry, experiment: ExperimentView) -> None:
+def test_transient_errors_are_retried_with_backoff(
+    registry: Registry, experiment: ExperimentView, tmp_path: Path
+) -> None:
     flaky = FailingFirstCalls(registry, failures=2)
-    writer = RequestLogWriter(flaky, batch_size=100, retry_backoff_s=0.01).start()
+    writer = RequestLogWriter(flaky, tmp_path / "spool", batch_size=100, retry_backoff_s=0.01).start()
     for index in range(20):
         writer.submit_request(request(index, experiment.id))
     stats = writer.close()
@@ -189,16 +193,18 @@ def test_transient_errors_are_retried_with_backoff(registry: Registry, experimen
     assert stats.batches == 1
 
 
-def test_persistent_errors_fall_back_to_single_records(
-    registry: Registry, experiment: ExperimentView
+def test_errors_that_outlast_the_retries_keep_the_records(
+    registry: Registry, experiment: ExperimentView, tmp_path: Path
 ) -> None:
-    flaky = FailingFirstCalls(registry, failures=3)  # the batch fails every try (1 + 2 retries)
-    writer = RequestLogWriter(flaky, batch_size=100, max_retries=2, retry_backoff_s=0.01)
+    """The old writer gave up after a few retries; now an error that is not the record's fault is an
+    outage: the batch stays spooled and is tried again until it is written, in one transaction."""
+    flaky = FailingFirstCalls(registry, failures=8)
+    writer = RequestLogWriter(flaky, tmp_path / "spool", retry_backoff_s=0.01, max_backoff_s=0.05)
     for index in range(4):
         writer.submit_request(request(index, experiment.id))
     stats = writer.close()
-    assert stats.retries == 2 and stats.dropped == {}
-    assert len(registry.experiment_requests(experiment.id)) == 4  # written one by one
+    assert stats.retries == 8 and stats.dropped == {} and stats.batches == 1
+    assert len(registry.experiment_requests(experiment.id)) == 4
 
 
 def test_invalid_settings_are_rejected(registry: Registry) -> None:
@@ -216,6 +222,7 @@ from datetime import UTC, datetime
 from registry.models import RequestRecord
 from registry.service import Registry
 from serving.request_log import RequestLogWriter
+from serving.request_spool import encode
 
 writer = RequestLogWriter(Registry({registry_url!r}, store_dir={str(tmp_path / "store")!r}),
                           batch_size=1000, flush_interval_s=3600).start()
