@@ -132,7 +132,7 @@ def run_server(serve: ServeSettings) -> None:
         metrics=metrics,
     )
     config = GatewayConfig.from_serve(serve, base_name=base_name, api_keys=_api_keys(serve.api_keys))
-    writer = RequestLogWriter(registry, metrics_registry=metrics.registry)
+    writer = RequestLogWriter(registry, serve.spool_dir, metrics_registry=metrics.registry)
     gateway = Gateway(config, registry, pool, request_log=writer)
     if not config.api_keys and serve.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who reaches it can use it", serve.host)

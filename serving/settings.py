@@ -98,6 +98,14 @@ class ServeSettings:
         show_default=True,
     )
     poll_interval: float = _setting(1.0, "Registry poll period (s).", show_default=True)
+    spool_dir: Path | None = _setting(
+        None,
+        "Local folder where the request log is spooled before it reaches the registry database (kept "
+        "through database outages and crashes; gateways of one registry on one host may share it). "
+        "Default: <registry file>.spool beside a SQLite registry, else $MOEA_HOME/spool/<hash of the URL>.",
+        envvar="MOEA_SPOOL_DIR",
+        type=click.Path(file_okay=False, path_type=Path),
+    )
     max_body_bytes: int = _setting(1_048_576, "Largest request body.", show_default=True)
     cpu_lora_kernel: bool = _setting(
         True,
