@@ -53,6 +53,7 @@ from .request_spool import (
     Segment,
     WriterMetrics,
     WriterStats,
+    bind_to_registry,
     default_spool_dir,
     encode,
 )
@@ -124,6 +125,8 @@ class RequestLogWriter:
         self.registry = registry
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(getattr(registry, "url", None), str):
+            bind_to_registry(self.spool_dir, registry.url)  # type: ignore[attr-defined]
         self.batch_size, self.flush_interval_s = batch_size, flush_interval_s
         self.fsync_interval_s, self.max_spool_bytes, self.segment_bytes = (
             fsync_interval_s,

@@ -30,7 +30,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from registry.local import moea_home
 from registry.models import OutcomeRecord, RequestRecord
 
-__all__ = ["SUFFIX", "Segment", "WriterMetrics", "WriterStats", "decode", "default_spool_dir", "encode"]
+__all__ = [
+    "SUFFIX",
+    "Segment",
+    "WriterMetrics",
+    "WriterStats",
+    "bind_to_registry",
+    "decode",
+    "default_spool_dir",
+    "encode",
+]
 
 SUFFIX = ".spool"
 READ_CHUNK = 1 << 20
@@ -38,18 +47,50 @@ RecordKind = Literal["request", "outcome"]
 _TYPES: dict[str, type] = {"request": RequestRecord, "outcome": OutcomeRecord}
 
 
-def default_spool_dir(registry_url: str) -> Path:
-    """The spool directory of a registry: ``<db file>.spool`` beside a SQLite file, else
-    ``$MOEA_HOME/spool/<hash of the URL>``."""
+def _sqlite_file(registry_url: str) -> tuple[Any, Path | None]:
+    """(parsed URL, the SQLite database file or None: not SQLite, or in memory)."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(registry_url)
     database = parsed.database or ""
-    in_memory = database in ("", ":memory:") or "mode=memory" in database
-    if parsed.get_backend_name() == "sqlite" and not in_memory:
-        path = Path(database.removeprefix("file:").partition("?")[0]).expanduser().resolve()
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or "mode=memory" in database:
+        return parsed, None
+    return parsed, Path(database.removeprefix("file:").partition("?")[0]).expanduser().resolve()
+
+
+def default_spool_dir(registry_url: str) -> Path:
+    """The spool directory of a registry: ``<db file>.spool`` beside a SQLite file, else
+    ``$MOEA_HOME/spool/<hash of the registry>``."""
+    _, path = _sqlite_file(registry_url)
+    if path is not None:
         return path.with_name(path.name + ".spool")
-    return moea_home() / "spool" / hashlib.sha256(registry_url.encode()).hexdigest()[:16]
+    return moea_home() / "spool" / hashlib.sha256(registry_key(registry_url).encode()).hexdigest()[:16]
+
+
+def registry_key(registry_url: str) -> str:
+    """What identifies a registry's database in a URL: backend, host, port, database (SQLite: the
+    resolved file); no user or password."""
+    parsed, path = _sqlite_file(registry_url)
+    database = str(path) if path is not None else parsed.database or ""
+    return f"{parsed.get_backend_name()}://{parsed.host or ''}:{parsed.port or ''}/{database}"
+
+
+def bind_to_registry(directory: Path, registry_url: str) -> None:
+    """Mark `directory` as the spool of this registry (file REGISTRY); refuse one of another registry,
+    whose records would otherwise be drained into the wrong database."""
+    key = registry_key(registry_url)
+    marker = directory / "REGISTRY"
+    try:
+        with open(marker, "x", encoding="utf-8") as file:
+            file.write(key + "\n")
+        return
+    except FileExistsError:
+        found = marker.read_text(encoding="utf-8").strip()
+    if found != key:
+        raise ValueError(
+            f"spool folder {directory} holds the request log of another registry ({found}, not {key}): "
+            "give each registry its own --spool-dir"
+        )
 
 
 class WriterMetrics:

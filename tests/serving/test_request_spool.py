@@ -253,6 +253,18 @@ def test_default_spool_dir_is_per_registry(tmp_path: Path, monkeypatch: pytest.M
     )
 
 
+def test_a_spool_dir_serves_one_registry(tmp_path: Path) -> None:
+    one, other = (
+        Registry(f"sqlite:///{tmp_path / name}.db", tmp_path / "store") for name in ("one", "other")
+    )
+    RequestLogWriter(one, tmp_path / "spool").close()
+    RequestLogWriter(
+        Registry(f"sqlite:///{tmp_path}/./one.db", tmp_path / "store"), tmp_path / "spool"
+    ).close()
+    with pytest.raises(ValueError, match="another registry .* own --spool-dir"):
+        RequestLogWriter(other, tmp_path / "spool")
+
+
 def test_an_unwritable_spool_drops_and_counts_never_raises(db_path: Path, tmp_path: Path) -> None:
     registry = Registry(f"sqlite:///{db_path}", tmp_path / "store")
     writer = RequestLogWriter(registry, tmp_path / "spool")
