@@ -102,7 +102,8 @@ class ServeSettings:
         None,
         "Local folder where the request log is spooled before it reaches the registry database (kept "
         "through database outages and crashes; gateways of one registry on one host may share it). "
-        "Default: <registry file>.spool beside a SQLite registry, else $MOEA_HOME/spool/<hash of the URL>.",
+        "Default: <registry file>.spool beside a SQLite registry, else "
+        "$MOEA_HOME/spool/<hash of host and database>.",
         envvar="MOEA_SPOOL_DIR",
         type=click.Path(file_okay=False, path_type=Path),
     )
