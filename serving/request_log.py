@@ -363,12 +363,12 @@ class RequestLogWriter:
 
     def _store(self, segment: Segment, batch: Batch) -> bool:
         """Write requests, then outcomes (feedback never precedes its request); advance on success."""
-        if batch.damaged:
-            self._reject("unknown", batch.damaged, "damaged", ["damaged spool line"] * len(batch.damaged))
         for kind in ("request", "outcome"):
             items = [(record, line) for record_kind, record, line in batch.records if record_kind == kind]
             if items and not self._write_kind(kind, items):  # type: ignore[arg-type]
-                return False
+                return False  # read again next time: damaged lines are only counted once it passes
+        if batch.damaged:
+            self._reject("unknown", batch.damaged, "damaged", ["damaged spool line"] * len(batch.damaged))
         with self._lock:
             segment.read_offset = batch.end
             segment.rows -= len(batch.records) + len(batch.damaged)

@@ -236,6 +236,21 @@ def test_damaged_lines_and_an_unfinished_last_line_are_skipped_and_kept(
     assert list(spool.glob(f"*{SUFFIX}")) == []
 
 
+def test_drained_spool_files_are_replaced_so_the_spool_stays_small(db_path: Path, tmp_path: Path) -> None:
+    registry = Registry(f"sqlite:///{db_path}", tmp_path / "store")
+    writer = RequestLogWriter(registry, tmp_path / "spool", flush_interval_s=0.02, segment_bytes=2000).start()
+    files: set[str] = set()
+    for index in range(300):
+        writer.submit_request(request(index, None))
+        files |= {path.name for path in (tmp_path / "spool").glob(f"*{SUFFIX}")}
+        if index % 25 == 0:
+            assert writer.flush(timeout=30)
+    writer.close()
+    registry.close()
+    assert len(files) > 3 and list((tmp_path / "spool").glob(f"*{SUFFIX}")) == []
+    assert_exactly_once(db_path, {f"chatcmpl-{i}" for i in range(300)}, set())
+
+
 def test_spool_lines_round_trip() -> None:
     record = OutcomeRecord("chatcmpl-1", T0, reward=0.5, thumbs=True, outcome_id="abc")
     line = encode("outcome", record)
