@@ -6,6 +6,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -109,7 +110,7 @@ def start_experiment(
             guardrails=list(guardrails),
             guard_settings=dict(guard_settings or {}),
             ramp=ramp,
-            step_started_at=utcnow() if ramp else None,
+            ramp_started=[utcnow().isoformat()] if ramp else [],
         )
         session.add(experiment)
         session.flush()
@@ -147,7 +148,7 @@ def experiment_view(row: Experiment, expert: str) -> ExperimentView:
         guard_settings=dict(row.guard_settings or {}),
         ramp=[float(share) for share in row.ramp or []],
         ramp_step=row.ramp_step or 0,
-        step_started_at=as_utc(row.step_started_at),
+        ramp_started=[datetime.fromisoformat(when) for when in row.ramp_started or []],
         stop_reason=row.stop_reason or "",
     )
 
@@ -259,7 +260,8 @@ def advance_ramp(engine: Engine, experiment_id: int, from_step: int) -> Experime
         bump_state(session)
         arms = [Arm(int(a["version"]), float(a["weight"])) for a in experiment.arms]
         experiment.arms = [asdict(a) for a in ramp_arms(arms, ramp[from_step + 1])]
-        experiment.ramp_step, experiment.step_started_at = from_step + 1, utcnow()
+        experiment.ramp_step = from_step + 1
+        experiment.ramp_started = [*(experiment.ramp_started or []), utcnow().isoformat()]
         session.add(experiment)
         session.flush()
         return experiment_view(experiment, expert.name)

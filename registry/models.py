@@ -270,7 +270,10 @@ class Experiment(SQLModel, table=True):
     ramp: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     """Treatment shares in percent, one per step (empty: no ramp)."""
     ramp_step: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
-    step_started_at: datetime | None = _ts(nullable=True)
+    ramp_started: list = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    """ISO 8601 UTC time each ramp step reached so far began (index = step)."""
     stop_reason: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
 
 
@@ -441,9 +444,15 @@ class ExperimentView:
     ramp: list[float] = field(default_factory=list)
     """Treatment shares in percent per ramp step; empty when the weights are fixed."""
     ramp_step: int = 0
-    step_started_at: datetime | None = None
+    ramp_started: list[datetime] = field(default_factory=list)
+    """When each step reached so far began (index = step)."""
     stop_reason: str = ""
     """Why it stopped, when a guardrail stopped it (empty for a manual stop)."""
+
+    @property
+    def step_started_at(self) -> datetime | None:
+        """When the current ramp step began (None without a ramp)."""
+        return self.ramp_started[-1] if self.ramp_started else None
 
 
 @dataclass

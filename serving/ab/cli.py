@@ -234,7 +234,7 @@ def _experiment_dict(experiment: ExperimentView) -> dict[str, Any]:
         "guard_settings": experiment.guard_settings,
         "ramp": experiment.ramp,
         "ramp_step": experiment.ramp_step,
-        "step_started_at": experiment.step_started_at.isoformat() if experiment.step_started_at else None,
+        "ramp_started": [when.isoformat() for when in experiment.ramp_started],
         "stop_reason": experiment.stop_reason,
     }
 

@@ -13,6 +13,8 @@ from registry.errors import ConflictError
 from registry.models import OutcomeRecord, RequestRecord
 from registry.service import Registry
 from serving.ab.assign import assign_arm
+from serving.ab.report import build_report
+from serving.ab.stats import srm_check
 from serving.guard_monitor import ACTOR, GuardMonitor
 from serving.metrics import GatewayMetrics
 
@@ -143,9 +145,9 @@ def test_ramp_advances_while_guardrails_hold_and_stays_sticky(registry: Registry
     for _ in range(12):
         current = registry.get_experiment(experiment.id)
         now[0] = current.step_started_at + timedelta(seconds=61)
-        # enough treatment users in this step (timestamps inside the step), healthy arms
+        # enough treatment users in this step (timestamped inside it: steps are ms apart here), healthy arms
         serve(registry, experiment.id, range(first, first + 400), {1: 0.0, 2: 0.0}, seed=first,
-              when=current.step_started_at + timedelta(seconds=1))  # fmt: skip
+              when=current.step_started_at + timedelta(microseconds=1))  # fmt: skip
         first += 400
         actions = monitor.check_once()
         after = registry.get_experiment(experiment.id)
@@ -160,6 +162,12 @@ def test_ramp_advances_while_guardrails_hold_and_stays_sticky(registry: Registry
     share = {"expert": "summarize", "experiment": str(experiment.id)}
     assert metrics.registry.get_sample_value("moea_experiment_treatment_share", share) == 50.0
     assert registry.advance_ramp(experiment.id, 3) is None  # the last step: nothing further
+    assert len(registry.get_experiment(experiment.id).ramp_started) == 4
+
+    # The report checks the split against the ramp's history, not today's 50/50 weights.
+    report = build_report(registry, experiment.id)
+    assert not report.srm.flagged, report.srm
+    assert srm_check([arm.units for arm in report.arms], [50, 50]).flagged
 
 
 def test_ramp_waits_for_duration_and_a_second_gateway_does_not_double_advance(registry: Registry) -> None:

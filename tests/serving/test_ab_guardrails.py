@@ -208,8 +208,8 @@ def test_ramp_due_needs_duration_and_treatment_units() -> None:
     exp = replace(
         experiment([(1, 99), (2, 1)]),
         ramp=[1.0, 5.0, 25.0],
-        ramp_step=0,
-        step_started_at=T0,
+        ramp_step=1,  # the second step began at T0
+        ramp_started=[T0 - timedelta(hours=1), T0],
         guard_settings={"step_s": 600, "step_units": 3},
     )
     before = [RequestRecord("old", T0 - timedelta(seconds=1), "summarize", 2, 7, "a", False, 1, 1, 1, 200)]

@@ -1,4 +1,5 @@
-"""Experiment guardrails and traffic ramp: the guardrail specs, the ramp and its current step, why it stopped.
+"""Experiment guardrails and traffic ramp: the guardrail specs, the ramp, its current step and
+when each step began, why it stopped.
 
 Revision ID: 0003_guardrails
 Revises: 0002_aliases_experiments
@@ -22,10 +23,10 @@ def upgrade() -> None:
     op.add_column("experiments", sa.Column("guard_settings", sa.JSON(), nullable=False, server_default="{}"))
     op.add_column("experiments", sa.Column("ramp", sa.JSON(), nullable=False, server_default="[]"))
     op.add_column("experiments", sa.Column("ramp_step", sa.Integer(), nullable=False, server_default="0"))
-    op.add_column("experiments", sa.Column("step_started_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("experiments", sa.Column("ramp_started", sa.JSON(), nullable=False, server_default="[]"))
     op.add_column("experiments", sa.Column("stop_reason", sa.Text(), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
-    for column in ("stop_reason", "step_started_at", "ramp_step", "ramp", "guard_settings", "guardrails"):
+    for column in ("stop_reason", "ramp_started", "ramp_step", "ramp", "guard_settings", "guardrails"):
         op.drop_column("experiments", column)
