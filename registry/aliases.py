@@ -92,6 +92,8 @@ def previous_holder(session: Session, expert_id: int | None, alias: str) -> int 
     ).all()
     previous: list[int | None] = []
     for event in events:  # replay: every move pushes the old holder, every rollback pops one
+        if event.from_version == event.to_version:
+            continue  # a note that moved nothing (a guardrail stop while prod already was the control)
         if event.action == "rollback":
             if previous:
                 previous.pop()

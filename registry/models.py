@@ -259,6 +259,22 @@ class Experiment(SQLModel, table=True):
     started_at: datetime = _ts()
     stopped_at: datetime | None = _ts(nullable=True)
     created_by: str | None = Field(default=None, sa_type=String(128), nullable=True)
+    # revision 0003: guardrails (specs as typed, see serving/ab/guardrails.py) and the traffic ramp
+    guardrails: list = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    guard_settings: dict = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
+    """alpha, min_units, step_s, step_units: how the gateways judge guardrails and advance the ramp."""
+    ramp: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
+    """Treatment shares in percent, one per step (empty: no ramp)."""
+    ramp_step: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    ramp_started: list = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    """ISO 8601 UTC time each ramp step reached so far began (index = step)."""
+    stop_reason: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
 
 
 class RequestLog(SQLModel, table=True):
@@ -427,6 +443,21 @@ class ExperimentView:
     started_at: datetime
     stopped_at: datetime | None
     winner: int | None
+    guardrails: list[str] = field(default_factory=list)
+    """Guardrail specs, e.g. ``error_rate<=0.02`` (grammar: serving/ab/guardrails.py)."""
+    guard_settings: dict[str, float] = field(default_factory=dict)
+    ramp: list[float] = field(default_factory=list)
+    """Treatment shares in percent per ramp step; empty when the weights are fixed."""
+    ramp_step: int = 0
+    ramp_started: list[datetime] = field(default_factory=list)
+    """When each step reached so far began (index = step)."""
+    stop_reason: str = ""
+    """Why it stopped, when a guardrail stopped it (empty for a manual stop)."""
+
+    @property
+    def step_started_at(self) -> datetime | None:
+        """When the current ramp step began (None without a ramp)."""
+        return self.ramp_started[-1] if self.ramp_started else None
 
 
 @dataclass

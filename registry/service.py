@@ -180,9 +180,14 @@ class Registry:
         salt: str | None = None,
         shadow_version: int | None = None,
         actor: str | None = None,
+        guardrails: Sequence[str] = (),
+        ramp: Sequence[float] = (),
+        guard_settings: dict[str, float] | None = None,
     ) -> ExperimentView:
         """Start an A/B experiment over versions of `expert`; at most one runs per expert."""
-        return experiments.start_experiment(self.engine, expert, arms, metric, salt, shadow_version, actor)
+        return experiments.start_experiment(
+            self.engine, expert, arms, metric, salt, shadow_version, actor, guardrails, ramp, guard_settings
+        )
 
     def active_experiment(self, expert: str) -> ExperimentView | None:
         """The running experiment of `expert`, if any."""
@@ -205,6 +210,16 @@ class Registry:
     ) -> ExperimentView:
         """Stop the running experiment of `expert`; a `winner` version takes alias prod."""
         return experiments.stop_experiment(self.engine, expert, winner, actor)
+
+    def guardrail_stop(
+        self, experiment_id: int, reason: str, actor: str | None = None
+    ) -> ExperimentView | None:
+        """Stop a running experiment for a breached guardrail; prod to the control arm (None: not running)."""
+        return experiments.guardrail_stop(self.engine, experiment_id, reason, actor)
+
+    def advance_ramp(self, experiment_id: int, from_step: int) -> ExperimentView | None:
+        """Advance a running experiment's ramp from `from_step` (None: not running or not at that step)."""
+        return experiments.advance_ramp(self.engine, experiment_id, from_step)
 
     # ------------------------------------------------------------------------------ request log / outcomes
 

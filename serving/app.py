@@ -13,23 +13,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError
 from .gateway import Gateway
+from .guard_monitor import DEFAULT_INTERVAL_S, GuardMonitor
 
 log = logging.getLogger("moea.serving.gateway")
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """The FastAPI app of `gateway`; its lifespan starts and stops engines, watcher and log writer."""
+def create_app(gateway: Gateway, *, guard_interval_s: float = DEFAULT_INTERVAL_S) -> FastAPI:
+    """The FastAPI app of `gateway`; its lifespan starts and stops engines, watcher, log writer and the
+    guardrail monitor (every `guard_interval_s` seconds; serving/guard_monitor.py)."""
+    monitor = GuardMonitor(gateway.registry, gateway.metrics, interval_s=guard_interval_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        monitor.start()
         try:
             yield
         finally:
+            await monitor.close()
             await gateway.close()
 
     app = FastAPI(title="moea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
+    app.state.guard_monitor = monitor
     _add_error_handlers(app, gateway)
     _add_routes(app, gateway)
     return app

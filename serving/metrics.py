@@ -89,6 +89,24 @@ class GatewayMetrics:
             "moea_state_refreshes", "Registry state reloads by outcome.", ["outcome"], registry=r
         )
         self.feedback = Counter("moea_feedback", "Feedback records accepted.", ["kind"], registry=r)
+        self.guardrail_breached = Gauge(
+            "moea_guardrail_breached",
+            "1 once a guardrail of the experiment was breached and the experiment stopped (alert on it).",
+            ["expert", "experiment", "guardrail"],
+            registry=r,
+        )
+        self.guardrail_checks = Counter(
+            "moea_guardrail_checks",
+            "Guardrail evaluations by outcome (ok, breached, waiting for data, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.treatment_share = Gauge(
+            "moea_experiment_treatment_share",
+            "Percent of an experiment's traffic sent to its treatment arms (follows the ramp; 0 once stopped).",
+            ["expert", "experiment"],
+            registry=r,
+        )
 
     def observe_response(
         self,

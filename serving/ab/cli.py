@@ -17,6 +17,7 @@ from registry.errors import user_facing_errors
 from registry.experiment_metrics import EXPERIMENT_METRICS
 
 from .assign import ABError, parse_arm, validate_arms
+from .guardrails import DEFAULT_SETTINGS, parse_guardrail, parse_ramp
 from .render import plot_report, render_report
 from .report import build_report
 from .sequential import DEFAULT_MIXING_SD
@@ -69,6 +70,51 @@ def ab_group() -> None:
     default=None,
     help="Version that receives a copy of the traffic; its answers are logged, never returned.",
 )
+@click.option(
+    "--guardrail",
+    "guardrail_specs",
+    multiple=True,
+    metavar="METRIC<=|>=BOUND",
+    help="A limit the treatment must respect, checked by the gateways; a significant breach stops the "
+    "experiment and sends all traffic to the control. BOUND: a number (absolute), NUMBERx (times the "
+    "control) or +/-NUMBER (control plus). E.g. error_rate<=0.02, p95_latency_ms<=1.2x, thumbs>=-0.05.",
+)
+@click.option(
+    "--guardrail-alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_SETTINGS["alpha"],
+    show_default=True,
+    help="Chance of stopping on guardrails that hold, over the whole experiment (always-valid).",
+)
+@click.option(
+    "--guardrail-min-units",
+    type=click.IntRange(min=2),
+    default=int(DEFAULT_SETTINGS["min_units"]),
+    show_default=True,
+    help="Users (latency quantiles: requests) each arm needs before its guardrails are judged.",
+)
+@click.option(
+    "--ramp",
+    "ramp_text",
+    default=None,
+    metavar="P1,P2,...",
+    help="Treatment share in percent per step, e.g. 1,5,25,50 (two arms; replaces their weights). The "
+    "gateways move to the next step while the guardrails hold; users in the treatment stay there.",
+)
+@click.option(
+    "--ramp-step-minutes",
+    type=click.FloatRange(0),
+    default=DEFAULT_SETTINGS["step_s"] / 60,
+    show_default=True,
+    help="Shortest duration of a ramp step.",
+)
+@click.option(
+    "--ramp-min-units",
+    type=click.IntRange(min=0),
+    default=int(DEFAULT_SETTINGS["step_units"]),
+    show_default=True,
+    help="Treatment users (or requests without a user) a ramp step needs before the next one.",
+)
 @click.option("--actor", default=None, help="Who starts it, for the audit trail (default: user@host).")
 @registry_url_option
 def start_command(
@@ -77,6 +123,12 @@ def start_command(
     metric: str,
     salt: str | None,
     shadow_version: int | None,
+    guardrail_specs: tuple[str, ...],
+    guardrail_alpha: float,
+    guardrail_min_units: int,
+    ramp_text: str | None,
+    ramp_step_minutes: float,
+    ramp_min_units: int,
     actor: str | None,
     registry_url: str | None,
 ) -> None:
@@ -86,6 +138,12 @@ def start_command(
     sticky per user.
     """
     with user_facing_errors():
+        guardrails = [parse_guardrail(spec).text for spec in guardrail_specs]
+        ramp = parse_ramp(ramp_text) if ramp_text is not None else []
+        if ramp:  # the ramp sets the weights: VERSION alone is enough
+            arm_specs = tuple(spec if ":" in spec else f"{spec}:1" for spec in arm_specs)
+            if len(arm_specs) != 2:
+                raise ABError(f"--ramp needs exactly two --arm (control, treatment), got {len(arm_specs)}")
         arms = [parse_arm(spec) for spec in arm_specs]
         validate_arms(arms)
         if len(arms) < 2 and shadow_version is None:
@@ -100,11 +158,26 @@ def start_command(
             salt=salt,
             shadow_version=shadow_version,
             actor=actor,
+            guardrails=guardrails,
+            ramp=ramp,
+            guard_settings={
+                "alpha": guardrail_alpha,
+                "min_units": guardrail_min_units,
+                "step_s": ramp_step_minutes * 60,
+                "step_units": ramp_min_units,
+            },
         )
     click.echo(
         f"started experiment {experiment.id} on {experiment.expert}: {_describe_arms(experiment)}; "
         f"metric {experiment.metric}; salt {experiment.salt!r}"
+        + (f"; guardrails {', '.join(experiment.guardrails)}" if experiment.guardrails else "")
+        + (f"; ramp {_describe_ramp(experiment)}" if experiment.ramp else "")
     )
+
+
+def _describe_ramp(experiment: ExperimentView) -> str:
+    steps = ",".join(f"{share:g}" for share in experiment.ramp)
+    return f"{steps}% (step {experiment.ramp_step + 1}/{len(experiment.ramp)})"
 
 
 @ab_group.command("status")
@@ -157,6 +230,12 @@ def _experiment_dict(experiment: ExperimentView) -> dict[str, Any]:
         "started_at": experiment.started_at.isoformat() if experiment.started_at else None,
         "stopped_at": experiment.stopped_at.isoformat() if experiment.stopped_at else None,
         "winner": experiment.winner,
+        "guardrails": experiment.guardrails,
+        "guard_settings": experiment.guard_settings,
+        "ramp": experiment.ramp,
+        "ramp_step": experiment.ramp_step,
+        "ramp_started": [when.isoformat() for when in experiment.ramp_started],
+        "stop_reason": experiment.stop_reason,
     }
 
 
@@ -167,7 +246,7 @@ def _status_table(experiments: list[ExperimentView]) -> str:
     from rich.table import Table
 
     table = Table()
-    for header in ("ID", "Expert", "Status", "Metric", "Arms", "Started", "Winner"):
+    for header in ("ID", "Expert", "Status", "Metric", "Arms", "Guardrails", "Started", "Winner"):
         table.add_column(header)
     for experiment in experiments:
         table.add_row(
@@ -176,12 +255,16 @@ def _status_table(experiments: list[ExperimentView]) -> str:
             experiment.status,
             experiment.metric,
             _describe_arms(experiment),
+            " ".join(
+                [*experiment.guardrails, *([f"ramp {_describe_ramp(experiment)}"] if experiment.ramp else [])]
+            ),
             experiment.started_at.isoformat(timespec="seconds") if experiment.started_at else "",
             f"@{experiment.winner}" if experiment.winner is not None else "",
         )
     buffer = io.StringIO()
-    Console(file=buffer, width=140, color_system=None, highlight=False).print(table)
-    return buffer.getvalue().rstrip("\n")
+    Console(file=buffer, width=160, color_system=None, highlight=False).print(table)
+    reasons = [f"experiment {e.id} stopped: {e.stop_reason}" for e in experiments if e.stop_reason]
+    return "\n".join([buffer.getvalue().rstrip("\n"), *reasons])
 
 
 @ab_group.command("stop")

@@ -292,6 +292,39 @@ def _split_requests(
     return by_version, shadow_requests, other_requests
 
 
+def _expected_split(
+    experiment: ExperimentView, by_version: dict[int, list[RequestRecord]], arm_versions: list[int]
+) -> list[float]:
+    """What the split is checked against: the weights, or under a ramp the expected units per arm.
+
+    A ramp grows the treatment share over time and users stay where they are (a control user may move
+    to the treatment, never back), so a unit is expected in the control with probability ``1 - share``
+    at its first request and in the treatment with ``share`` at its last one (a user moved by the ramp
+    counts in both, as in the arm statistics).
+    """
+    ramp, started = list(getattr(experiment, "ramp", None) or []), getattr(experiment, "ramp_started", None)
+    if not ramp or not started or len(arm_versions) != 2:
+        return [float(arm.weight) for arm in experiment.arms]
+
+    def share(when: datetime) -> float:
+        step = max([0, *(i for i, begun in enumerate(started) if begun <= when)])
+        return ramp[min(step, len(ramp) - 1)] / 100
+
+    seen: dict[str, list[datetime]] = {}
+    for request in (r for v in arm_versions for r in by_version[v]):
+        key = f"user:{request.user}" if request.user else f"request:{request.request_id}"
+        first_last = seen.setdefault(key, [request.created_at, request.created_at])
+        first_last[0], first_last[1] = (
+            min(first_last[0], request.created_at),
+            max(first_last[1], request.created_at),
+        )
+    control = sum(1 - share(first) for first, _ in seen.values())
+    treatment = sum(share(last) for _, last in seen.values())
+    if control + treatment <= 0:
+        return [float(arm.weight) for arm in experiment.arms]
+    return [control, treatment]
+
+
 def _configured_arm_stats(
     experiment: ExperimentView,
     by_version: dict[int, list[RequestRecord]],
@@ -385,7 +418,7 @@ def compute_report(
         )
         for v in arm_versions[1:]
     ]
-    srm = srm_check([arm.units for arm in arms], [float(arm.weight) for arm in experiment.arms])
+    srm = srm_check([arm.units for arm in arms], _expected_split(experiment, by_version, arm_versions))
     arm_requests = [r for v in arm_versions for r in by_version[v]]
     return ABReport(
         experiment_id=int(experiment.id),

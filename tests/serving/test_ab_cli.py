@@ -137,6 +137,19 @@ def test_stop_without_winner_keeps_prod(url: str) -> None:
         (["start", "summarize", "--arm", "1:50", "--arm", "9:50"], "summarize@9"),
         (["start", "nosuch", "--arm", "1:50", "--arm", "2:50"], "nosuch"),
         (["stop", "summarize"], "no experiment is running"),
+        (
+            ["start", "summarize", "--arm", "1:50", "--arm", "2:50", "--guardrail", "errors<=1"],
+            "unknown metric",
+        ),
+        (
+            ["start", "summarize", "--arm", "1:50", "--arm", "2:50", "--guardrail", "thumbs=0.5"],
+            "METRIC<=BOUND",
+        ),
+        (["start", "summarize", "--arm", "1", "--arm", "2", "--ramp", "5,1"], "increasing treatment"),
+        (
+            ["start", "summarize", "--arm", "1", "--arm", "2", "--arm", "3", "--ramp", "1,5"],
+            "exactly two --arm",
+        ),
         (["report", "summarize"], "has no experiments"),
     ],
 )
@@ -174,3 +187,27 @@ def test_report_unit_and_verdict_options(url: str, tmp_path: Path) -> None:
     text = " ".join(per_request.output.split())
     assert "per request" in text and "verdict fixed" in text and "Always-valid p" in text
     assert "Fixed-horizon verdict" in text
+
+
+def test_start_with_guardrails_and_ramp_stores_them(url: str) -> None:
+    started = ab(
+        "start", "summarize", "--arm", "1", "--arm", "2", "--ramp", "1,5,25,50",
+        "--guardrail", "error_rate <= 0.02", "--guardrail", "p95_latency_ms<=1.2x", "--guardrail", "thumbs>=-0.05",
+        "--ramp-step-minutes", "30", "--ramp-min-units", "50", "--guardrail-alpha", "0.02",
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert "@1 99%, @2 1%" in started.output
+    assert "guardrails error_rate<=0.02, p95_latency_ms<=1.2x, thumbs>=-0.05" in started.output
+    assert "ramp 1,5,25,50% (step 1/4)" in started.output
+    (listed,) = json.loads(ab("status", "--json").output)
+    assert listed["arms"] == [{"version": 1, "weight": 99.0}, {"version": 2, "weight": 1.0}]
+    assert listed["guardrails"] == ["error_rate<=0.02", "p95_latency_ms<=1.2x", "thumbs>=-0.05"]
+    assert listed["ramp"] == [1.0, 5.0, 25.0, 50.0] and listed["ramp_step"] == 0
+    assert listed["guard_settings"] == {"alpha": 0.02, "min_units": 30, "step_s": 1800.0, "step_units": 50}
+    assert listed["stop_reason"] == ""
+    assert "error_rate<=0.02" in ab("status").output
+
+    with Registry(url) as registry:
+        registry.guardrail_stop(listed["id"], "guardrail error_rate<=0.02 breached by summarize@2: test")
+    shown = ab("list").output
+    assert f"experiment {listed['id']} stopped: guardrail error_rate<=0.02 breached" in shown

@@ -1,0 +1,151 @@
+"""The real gateway (uvicorn, request-log writer, guardrail monitor, real SQLite registry, openai client)
+in front of a FAKE vLLM server: a tiny FastAPI app that answers like vLLM but fails every request for
+the treatment arm's LoRA name. What is under test is the gateway's own behaviour: it logs the failures,
+its monitor stops the experiment, traffic goes back to the control, the alert metric is raised."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client.parser import text_string_to_metric_families
+
+from registry.service import Registry
+
+from .conftest import GatewayThread
+from .registry_fixtures import make_run_dir
+
+BASE = "fake-base"
+FAILING = "summarize@2"
+
+
+def fake_vllm() -> FastAPI:
+    """A fake vLLM: /health, /v1/models, runtime LoRA load/unload, chat completions (500 for FAILING)."""
+    app = FastAPI()
+    loaded: dict[str, str] = {}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        cards = [{"id": BASE, "root": BASE, "parent": None}]
+        return {"data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in loaded.items()]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request) -> str:
+        body = await request.json()
+        loaded[body["lora_name"]] = body["lora_path"]
+        return "Success"
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request) -> str:
+        loaded.pop((await request.json())["lora_name"], None)
+        return "Success"
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        model = (await request.json())["model"]
+        if model == FAILING:
+            return JSONResponse({"object": "error", "message": "boom", "type": "InternalServerError"}, 500)
+        message = {"role": "assistant", "content": f"hello from {model}"}
+        return JSONResponse(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+            }
+        )
+
+    return app
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
+    """Fake engine + real gateway (guardrail checks every 0.3 s) on a real SQLite registry."""
+    from serving.app import create_app
+    from serving.engine import EnginePool
+    from serving.gateway import Gateway
+    from serving.metrics import GatewayMetrics
+    from serving.request_log import RequestLogWriter
+    from serving.settings import GatewayConfig
+
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store")
+    for seed in (1, 2):
+        registry.register_run(make_run_dir(tmp_path, ["summarize"], seed))
+    registry.promote("summarize@1")
+    engine = GatewayThread(fake_vllm())
+    metrics = GatewayMetrics()
+    gateway = Gateway(
+        GatewayConfig(base_name=BASE, poll_interval_s=0.2, base_lora_guard=False),
+        registry,
+        EnginePool(httpx.AsyncClient(), urls=(engine.url,), capacity=4, metrics=metrics),
+        request_log=RequestLogWriter(registry, flush_interval_s=0.2, metrics_registry=metrics.registry),
+        metrics=metrics,
+    )
+    thread = GatewayThread(create_app(gateway, guard_interval_s=0.3))
+    try:
+        yield thread.url, registry
+    finally:
+        thread.stop()
+        engine.stop()
+        registry.close()
+
+
+def ask(client: openai.OpenAI, user: str) -> str | None:
+    """The adapter that answered `user` (None when the gateway relayed the engine's 500)."""
+    try:
+        response = client.chat.completions.with_raw_response.create(
+            model="summarize", messages=[{"role": "user", "content": "hi"}], user=user
+        )
+    except openai.InternalServerError:
+        return None
+    return response.headers["x-moea-expert"]
+
+
+def test_gateway_stops_a_failing_arm_and_sends_everyone_to_control(stack: tuple[str, Registry]) -> None:
+    url, registry = stack
+    experiment = registry.start_experiment(
+        "summarize", [(1, 50), (2, 50)], guardrails=["error_rate<=0.05"], guard_settings={"min_units": 20}
+    )
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    deadline = time.monotonic() + 10
+    answers: dict[str, str | None] = {}
+    while time.monotonic() < deadline and registry.active_experiment("summarize") is None:
+        time.sleep(0.1)  # the gateway's watcher picks the experiment up
+    for index in range(200):
+        answers[f"user-{index}"] = ask(client, f"user-{index}")
+        if registry.get_experiment(experiment.id).status == "stopped":
+            break
+    assert None in answers.values() and "summarize@1" in answers.values()  # both arms served
+
+    deadline = time.monotonic() + 20
+    while registry.get_experiment(experiment.id).status == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = registry.get_experiment(experiment.id)
+    assert stopped.status == "stopped", "the monitor did not stop the failing arm"
+    assert stopped.stop_reason.startswith("guardrail error_rate<=0.05 breached by summarize@2")
+    assert registry.resolve("summarize@prod").version == 1
+    assert registry.history("summarize", "prod")[-1].reason == stopped.stop_reason
+
+    exposition = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    breached = [s for family in exposition for s in family.samples if s.name == "moea_guardrail_breached"]
+    labels = {"expert": "summarize", "experiment": str(experiment.id), "guardrail": "error_rate<=0.05"}
+    assert [(s.labels, s.value) for s in breached] == [(labels, 1.0)]
+
+    deadline = time.monotonic() + 10  # the gateways' state refresh: every user back on the control
+    while time.monotonic() < deadline and ask(client, "user-0") != "summarize@1":
+        time.sleep(0.1)
+    failed_before = [user for user, adapter in answers.items() if adapter is None]
+    assert {ask(client, user) for user in failed_before} == {"summarize@1"}
