@@ -91,9 +91,12 @@ def keep_serving(session: Session, expert: Expert, new: ExpertVersion, actor: st
     before registering set it) `prod` goes to the version `NAME` served until now, the newest live one
     before `new`, or to `new` when there was none (nothing was served, so no traffic moves).
     """
-    if session.exec(
-        select(Alias.id).where(Alias.expert_id == expert.id, Alias.alias == DEFAULT_ALIAS)
-    ).first() is not None:
+    if (
+        session.exec(
+            select(Alias.id).where(Alias.expert_id == expert.id, Alias.alias == DEFAULT_ALIAS)
+        ).first()
+        is not None
+    ):
         return None
     served = session.exec(
         select(ExpertVersion)

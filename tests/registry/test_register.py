@@ -80,11 +80,16 @@ def test_first_registration_sets_prod_and_later_registrations_move_no_traffic(
     registry: Registry, run_dir: Path, tmp_path: Path
 ) -> None:
     first = registry.register_run(run_dir)
-    assert [(v.ref, v.aliases) for v in first.experts] == [("classify@1", ["prod"]), ("summarize@1", ["prod"])]
+    assert [(v.ref, v.aliases) for v in first.experts] == [
+        ("classify@1", ["prod"]),
+        ("summarize@1", ["prod"]),
+    ]
     assert _moves(registry, "summarize") == [("register", None, 1, "first registration")]
 
     token = registry.state_token()
-    second = registry.register_run(make_run_dir(tmp_path / "run2", ("summarize", "classify", "extract"), seed=7))
+    second = registry.register_run(
+        make_run_dir(tmp_path / "run2", ("summarize", "classify", "extract"), seed=7)
+    )
     assert registry.state_token() != token  # a new version exists, but serving resolution is unchanged:
     assert [(v.ref, v.aliases) for v in second.experts] == [
         ("classify@2", []),
