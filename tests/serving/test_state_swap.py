@@ -180,13 +180,6 @@ def test_a_new_state_is_served_only_once_all_its_adapters_are_loaded(
             client.join()
 
     change = gateway.last_change
-    assert (change.from_token, change.to_token) == (registered, final)  # intermediate states never served
-    assert change.reads == 2 and change.adapters_loaded == len(EXPERTS)
-    new_loads = {name: at for name, at in fake.loads[len(EXPERTS) :]}
-    assert sorted(new_loads) == sorted(f"{name}@2" for name in EXPERTS)
-    assert max(new_loads.values()) <= change.swapped_at  # every new adapter loaded before the swap
-    assert change.seconds >= len(EXPERTS) * LOAD_DELAY_S
-
     assert not traffic.failures and not fake.not_loaded
     before = [expert for _, received, expert in traffic.answers if received < change.swapped_at]
     loading = [
@@ -199,6 +192,17 @@ def test_a_new_state_is_served_only_once_all_its_adapters_are_loaded(
     assert {expert.split("@")[1] for expert in before} == {"1"}  # old state only, also while loading
     assert {expert.split("@")[1] for expert in after} == {"2"}  # new state only
     assert {expert.split("@")[0] for expert in loading + after} == set(EXPERTS)
+    # No mixture, whatever the gateway's own bookkeeping says: once any answer came from a version 2,
+    # no request sent afterwards was answered by a version 1.
+    first_new = min(received for _, received, expert in traffic.answers if expert.endswith("@2"))
+    assert all(sent < first_new for sent, _, expert in traffic.answers if expert.endswith("@1"))
+
+    assert (change.from_token, change.to_token) == (registered, final)  # intermediate states never served
+    assert change.reads == 2 and change.adapters_loaded == len(EXPERTS)
+    new_loads = {name: at for name, at in fake.loads[len(EXPERTS) :]}
+    assert sorted(new_loads) == sorted(f"{name}@2" for name in EXPERTS)
+    assert max(new_loads.values()) <= change.swapped_at  # every new adapter loaded before the swap
+    assert change.seconds >= len(EXPERTS) * LOAD_DELAY_S
 
     metrics = httpx.get(f"{thread.url}/metrics").text
     count = float(re.search(r"^moea_state_apply_seconds_count (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
@@ -209,3 +213,41 @@ def test_a_new_state_is_served_only_once_all_its_adapters_are_loaded(
         and "6 new adapters loaded first, 2 reads" in r.getMessage()
         for r in caplog.records
     )
+
+
+class WritesWhileReading:
+    """The real registry, with a real write (a promotion) committed right after each `list_experts` read,
+    i.e. in the middle of :func:`serving.state.load_state`, while writes are left."""
+
+    def __init__(self, registry: Registry, promotions: list[str]) -> None:
+        self.registry = registry
+        self.promotions = promotions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.registry, name)
+
+    def list_experts(self) -> Any:
+        experts = self.registry.list_experts()
+        if self.promotions:
+            self.registry.promote(self.promotions.pop(0))
+        return experts
+
+
+def test_load_state_reads_one_registry_state_even_when_a_write_lands_midway(
+    registry_url: str, tmp_path: Path
+) -> None:
+    from serving.state import StateUnsettled, load_state
+
+    with Registry(registry_url, tmp_path / "store") as registry:
+        for seed in (1, 2):
+            registry.register_run(make_run_dir(tmp_path, EXPERTS[:2], seed=seed))
+        state = load_state(WritesWhileReading(registry, [f"{EXPERTS[0]}@2"]))
+        entry = state.experts[EXPERTS[0]]
+        # Read once, this would pair the aliases from before the promotion with the serving version after.
+        assert state.token == registry.state_token()
+        assert entry.aliases == {"prod": 2} and entry.serving.version == 2
+        assert set(state.required) == {f"{EXPERTS[0]}@2", f"{EXPERTS[1]}@1"}
+
+        endless = WritesWhileReading(registry, [f"{EXPERTS[1]}@{v}" for v in (2, 1, 2)])
+        with pytest.raises(StateUnsettled, match="changed during each of 3 reads"):
+            load_state(endless, attempts=3)
