@@ -251,3 +251,25 @@ def test_load_state_reads_one_registry_state_even_when_a_write_lands_midway(
         endless = WritesWhileReading(registry, [f"{EXPERTS[1]}@{v}" for v in (2, 1, 2)])
         with pytest.raises(StateUnsettled, match="changed during each of 3 reads"):
             load_state(endless, attempts=3)
+
+
+def test_experts_without_prod_are_served_at_latest_with_a_warning_once(
+    registry_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expert registered before registering set prod (here: prod removed) keeps serving its latest
+    version, as before; the gateway says so once per served version, with the command that pins it."""
+    from serving.state import load_state
+    from serving.state_swap import warn_unpinned
+
+    with Registry(registry_url, tmp_path / "store") as registry:
+        for seed in (1, 2):
+            registry.register_run(make_run_dir(tmp_path, EXPERTS[:2], seed=seed))
+        registry.remove_alias(EXPERTS[0], "prod")
+        state = load_state(registry)
+        assert state.experts[EXPERTS[0]].serving.ref == f"{EXPERTS[0]}@2"
+        assert state.experts[EXPERTS[1]].serving.ref == f"{EXPERTS[1]}@1"
+        with caplog.at_level(logging.WARNING, logger="moea.serving.gateway"):
+            warn_unpinned(None, state)
+            warn_unpinned(state, load_state(registry))  # same served version: no repeat
+        messages = [record.getMessage() for record in caplog.records]
+        assert len(messages) == 1 and f"`moea registry promote {EXPERTS[0]}@2`" in messages[0]
