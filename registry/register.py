@@ -89,7 +89,8 @@ def keep_serving(session: Session, expert: Expert, new: ExpertVersion, actor: st
 
     An expert with `prod` keeps it (None). Without `prod` (a first registration, or an expert registered
     before registering set it) `prod` goes to the version `NAME` served until now, the newest live one
-    before `new`, or to `new` when there was none (nothing was served, so no traffic moves).
+    before `new`, or to `new` when nothing was servable (its first registration, or every earlier
+    version archived).
     """
     if (
         session.exec(
