@@ -44,7 +44,8 @@ class StateChange:
     swapped_at: float
     """``time.monotonic()`` right after the new snapshot replaced the old one."""
     adapters_loaded: int
-    """Adapters the new state needed that the old one did not (loaded into every engine before the swap)."""
+    """Adapters the new state requires that the old one did not (in every engine before the swap; some may
+    have been loaded already, on demand)."""
     reads: int
     """Registry reads it took (more than one when the registry changed again while adapters loaded)."""
 
@@ -81,7 +82,8 @@ def record_change(
     change = StateChange(old.token if old else None, new.token, noticed_at, swapped_at, loaded, reads)
     metrics.state_apply.observe(change.seconds)
     log.info(
-        "registry state %s → %s serving %.2f s after it was noticed (%d new adapters loaded first, %d read%s)",
+        "registry state %s → %s serving %.2f s after it was noticed "
+        "(%d adapters newly required, loaded before the swap; %d read%s)",
         change.from_token, change.to_token, change.seconds, loaded, reads, "" if reads == 1 else "s",
     )  # fmt: skip
     warn_unpinned(old, new)

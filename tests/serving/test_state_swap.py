@@ -210,7 +210,7 @@ def test_a_new_state_is_served_only_once_all_its_adapters_are_loaded(
     assert count == 2 and total >= change.seconds
     assert any(
         f"registry state {registered} → {final} serving" in r.getMessage()
-        and "6 new adapters loaded first, 2 reads" in r.getMessage()
+        and "6 adapters newly required, loaded before the swap; 2 reads" in r.getMessage()
         for r in caplog.records
     )
 
