@@ -87,13 +87,19 @@ def register_command(
     """Record every expert of RUN_DIR as a new immutable version (and its router), in one transaction."""
     result = _open(registry_url, store_dir).register_run(run_dir, actor=actor)
     table = Table(title=f"registered {run_dir}")
-    for column in ("version", "sha256", "metrics"):
+    for column in ("version", "sha256", "aliases", "metrics"):
         table.add_column(column)
     for view in result.experts:
-        table.add_row(view.ref, _short(view.sha256), _metrics(view.metrics))
+        table.add_row(view.ref, _short(view.sha256), ", ".join(view.aliases) or "-", _metrics(view.metrics))
     if result.router:
-        table.add_row(result.router.ref, _short(result.router.sha256), _metrics(result.router.metrics))
+        table.add_row(result.router.ref, _short(result.router.sha256), "-", _metrics(result.router.metrics))
     console.print(table)
+    waiting = [view.ref for view in result.experts if "prod" not in view.aliases]
+    if waiting:  # only a first registration sets prod (registry/register.py)
+        click.echo(
+            f"not served by `model=NAME` until promoted (registering moves no traffic): {', '.join(waiting)}; "
+            f"e.g. `moea registry promote {waiting[0]}`, or try it first with `moea ab start`"
+        )
 
 
 @click.group("registry")

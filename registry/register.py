@@ -3,6 +3,13 @@
 Version numbers are assigned inside the write transaction that inserts them (UNIQUE(expert, version)
 backs this up); artifacts are copied into the content-addressed store *before* that transaction and
 only referenced by it, so a crash at any point leaves either a complete version or none.
+
+Registering never moves traffic (README "Registry"): plain `NAME` is served at alias `prod`, and the
+same transaction that inserts an expert's first version points `prod` at it (history action `register`,
+reason "first registration"). Later registrations leave `prod` where it is; only promote, rollback and
+an experiment's winner move it. An expert registered before this rule (no `prod`, served at its latest
+version) gets `prod` pinned to the version it was serving when its next version is registered, so that
+registration does not switch its traffic either.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from . import db
+from .aliases import move_alias
 from .artifacts import artifact_row
 from .errors import ValidationError
 from .models import (
+    Alias,
     Expert,
     ExpertVersion,
     RegisterResult,
@@ -30,7 +39,10 @@ from .routers import router_view
 from .rundir import ExpertPlan, RunPlan, read_run_dir
 from .state import bump_state, default_actor
 from .store import ArtifactStore, Tree
-from .versions import latest_version_number, version_view
+from .versions import DEFAULT_ALIAS, latest_version_number, version_view
+
+FIRST_REGISTRATION = "first registration"
+"""Reason recorded in the alias history when an expert's first version takes `prod`."""
 
 
 def register_run(
@@ -49,7 +61,8 @@ def register_run(
         for expert in plan.experts:
             row, expert_row = _insert_version(session, plan, expert, trees[expert.name], actor)
             version_ids[expert.name] = row.id
-            views.append(version_view(expert_row, row, [], trees[expert.name]))
+            aliases = [DEFAULT_ALIAS] if keep_serving(session, expert_row, row, actor) is row else []
+            views.append(version_view(expert_row, row, aliases, trees[expert.name]))
         router = None
         if plan.router and router_tree:
             router = _insert_router(session, plan, router_tree, version_ids, actor)
@@ -69,6 +82,38 @@ def _ensure_blobs(
     for tree, folder in pairs:
         if store.missing_blobs(tree.files) and store.put_tree(folder).sha256 != tree.sha256:
             raise ValidationError(f"{folder} changed while it was being registered; register it again")
+
+
+def keep_serving(session: Session, expert: Expert, new: ExpertVersion, actor: str) -> ExpertVersion | None:
+    """Make sure registering `new` does not change what `NAME` serves; returns the version given `prod`.
+
+    An expert with `prod` keeps it (None). Without `prod` (a first registration, or an expert registered
+    before registering set it) `prod` goes to the version `NAME` served until now, the newest live one
+    before `new`, or to `new` when nothing was servable (its first registration, or every earlier
+    version archived).
+    """
+    if (
+        session.exec(
+            select(Alias.id).where(Alias.expert_id == expert.id, Alias.alias == DEFAULT_ALIAS)
+        ).first()
+        is not None
+    ):
+        return None
+    served = session.exec(
+        select(ExpertVersion)
+        .where(ExpertVersion.expert_id == expert.id, ExpertVersion.id != new.id)
+        .where(col(ExpertVersion.archived).is_(False))
+        .order_by(col(ExpertVersion.version).desc())
+        .limit(1)
+    ).first()
+    if served is None:
+        reason = FIRST_REGISTRATION if new.version == 1 else f"first live version (v{new.version})"
+        target = new
+    else:
+        reason = f"kept serving v{served.version} while registering v{new.version} (registering does not move traffic)"
+        target = served
+    move_alias(session, expert.id, DEFAULT_ALIAS, target, "register", actor, reason)  # type: ignore[arg-type]
+    return target
 
 
 def _upsert_expert(session: Session, plan: RunPlan, expert: ExpertPlan, now: datetime) -> Expert:

@@ -142,7 +142,7 @@ def prepare_run(
     mixture: Path, run_dir: Path, retrain: bool, overrides: tuple[str, ...], env: dict[str, str]
 ) -> None:
     """Steps 1 and 2: a finished run in `run_dir` (trained, resumed or reused), registered as the next
-    version of every expert in the registry of `env`."""
+    version of every expert in the registry of `env`; a retrained run is also promoted to prod."""
     plan = plan_training(run_dir, retrain)
     click.secho(f"[1/4] {plan.reason}", bold=True)
     if plan.train and plan.swap and run_dir_state(plan.out) == "finished":
@@ -158,6 +158,10 @@ def prepare_run(
         click.echo(f"new run in {run_dir}; the one it replaced is in {previous_dir(run_dir)}")
     click.secho("[2/4] registering the run", bold=True)
     _run_step(["register", str(run_dir)], env, "moea register")
+    if plan.swap:  # registering moves no traffic (only a first registration sets prod): serve the retrain
+        for name in sorted(folder.name for folder in (run_dir / "experts").iterdir() if folder.is_dir()):
+            promote = ["registry", "promote", f"{name}@latest", "--reason", "moea demo --retrain"]
+            _run_step(promote, env, "moea registry promote")
 
 
 def serve_and_query(env: dict[str, str], port: int | None, per_task: int) -> None:

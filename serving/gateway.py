@@ -13,9 +13,10 @@ Request path (one JSON parse, no blocking call on the event loop)::
       → headers x-moea-expert / x-moea-experiment, JSON field "moea", metrics, request log record
 
 Registry state is held in memory (:class:`ServingState`) and rebuilt in a thread by a watcher task
-whenever ``registry.state_token()`` changes. A swap loads the new adapters into every engine *before*
-the new state is published and unloads the old ones only once no request holds them, so requests
-never see a missing adapter.
+whenever ``registry.state_token()`` changes. A new state is applied as a whole (serving/state_swap.py):
+every adapter it needs is loaded into every engine while the old state keeps serving, then the snapshot
+is swapped in one assignment, so a request sees the old state or the new one, never a mix, and never a
+missing adapter; the old adapters are unloaded once no request holds them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .router_runtime import RouterRuntime
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from .settings import GatewayConfig
 from .state import ServingState, Target, load_state, upstream_body
+from .state_swap import StateChange, catch_up, record_change, warn_unpinned
 
 log = logging.getLogger("moea.serving.gateway")
 
@@ -94,13 +96,17 @@ class Gateway:
         self._api_keys = frozenset(f"Bearer {key}" for key in config.api_keys)
         self.base_lora = BaseLoraGuard(config.base_lora_guard)
         self._slot_warning: str | None = None
+        self._required: dict[str, str] = {}
+        self.last_change: StateChange | None = None
+        """The last registry state change applied (delays also in the moea_state_apply_seconds metric)."""
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Read the registry, load the router (strict), start engines with all required adapters."""
         state = await asyncio.to_thread(load_state, self.registry)
         await self.router.swap(self.registry, state.router, state.experts.keys(), strict=True)
-        self.pool.required = await self.base_lora.with_identity(state.required)
+        self.pool.required = self._required = await self.base_lora.with_identity(state.required)
+        warn_unpinned(None, state)
         await self._warn_if_slots_short(self.pool.required)
         try:
             await self.pool.start()
@@ -128,28 +134,40 @@ class Gateway:
         self.base_lora.close()
 
     async def _watch(self) -> None:
+        noticed: float | None = None  # first sight of a change not yet served (kept across failed refreshes)
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
                 token = await asyncio.to_thread(self.registry.state_token)
                 if self.state is None or token != self.state.token:
-                    await self.refresh()
+                    noticed = noticed or time.monotonic()
+                    await self.refresh(noticed)
+                    noticed = None
                 await self.pool.unload_unused(self.config.idle_adapter_ttl_s)
             except Exception:  # the watcher must survive a flaky database; the old state keeps serving
                 self.metrics.state_refreshes.labels("error").inc()
                 log.exception("registry refresh failed; still serving the previous state")
 
-    async def refresh(self) -> None:
-        """Rebuild the state; load new adapters and router *before* publishing it."""
+    async def refresh(self, noticed: float | None = None) -> None:
+        """Apply the registry's current state as a whole (serving/state_swap.py): load every adapter it
+        needs into every engine, and its router, while the old state serves; then swap the snapshot."""
         async with self._refresh_lock:
-            state = await asyncio.to_thread(load_state, self.registry)
-            required = await self.base_lora.with_identity(state.required)
-            await self._warn_if_slots_short(required)
-            await self.pool.set_required(required)
+            noticed = time.monotonic() if noticed is None else noticed
+            old = self.state
+            state, reads = await catch_up(self.registry, self._prepare)
+            if old is not None and state.token == old.token:
+                return
             await self.router.swap(self.registry, state.router, state.experts.keys(), strict=False)
-            self.state = state
+            self.state = state  # the swap (no await since the router swap: both change together)
+            self.last_change = record_change(self.metrics, old, state, noticed, time.monotonic(), reads)
+            await self.pool.set_required(self._required)  # the old state's adapters unload once idle
             self.metrics.state_refreshes.labels("ok").inc()
-            log.info("registry state %s: %d adapters required", state.token, len(state.required))
+
+    async def _prepare(self, state: ServingState) -> None:
+        """Load `state`'s adapters into every engine, keeping the served state's ones required meanwhile."""
+        self._required = await self.base_lora.with_identity(state.required)
+        await self._warn_if_slots_short(self._required)
+        await self.pool.set_required({**self.pool.required, **self._required})
 
     # ---- LoRA slots and the base-LoRA guard (serving/base_lora.py says why) ----------------------
     async def _warn_if_slots_short(self, required: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STATE_APPLY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -87,6 +88,13 @@ class GatewayMetrics:
         )
         self.state_refreshes = Counter(
             "moea_state_refreshes", "Registry state reloads by outcome.", ["outcome"], registry=r
+        )
+        self.state_apply = Histogram(
+            "moea_state_apply_seconds",
+            "Registry state changes: seconds from the gateway noticing one to serving it (every adapter the "
+            "new state needs loaded first, then the snapshot swapped).",
+            buckets=STATE_APPLY_BUCKETS,
+            registry=r,
         )
         self.feedback = Counter("moea_feedback", "Feedback records accepted.", ["kind"], registry=r)
         self.guardrail_breached = Gauge(

@@ -16,7 +16,8 @@ class ExpertEntry:
 
     name: str
     serving: Any | None
-    """ExpertVersionView that `model=NAME` gets (alias prod, else latest); None when none is servable."""
+    """ExpertVersionView that `model=NAME` gets (alias prod; latest only for an expert without prod, see
+    registry/register.py); None when none is servable."""
     versions: dict[int, Any]
     aliases: dict[str, int]
     latest: int | None
@@ -36,9 +37,36 @@ class ServingState:
     """Adapters every engine keeps loaded (serving versions, experiment arms, shadows) → artifact folder."""
 
 
-def load_state(registry: Any) -> ServingState:
-    """Read the registry into a :class:`ServingState` (blocking: run in a thread)."""
-    token = registry.state_token()  # read first: a change while we read triggers another refresh
+READ_ATTEMPTS = 10
+"""How often :func:`load_state` re-reads when writes keep landing while it reads."""
+
+
+class StateUnsettled(RuntimeError):
+    """The registry changed during every read of :func:`load_state` (the watcher tries again later)."""
+
+
+def load_state(registry: Any, attempts: int = READ_ATTEMPTS) -> ServingState:
+    """Read the registry into a :class:`ServingState` (blocking: run in a thread).
+
+    The state is read with several registry calls, each its own read transaction, so a write landing in
+    between would give a snapshot that mixes two registry states. Every serving-affecting write bumps
+    the state token in its own transaction, so a read bracketed by the same token before and after saw
+    one state only; otherwise it is read again.
+    """
+    for _ in range(attempts):
+        token = registry.state_token()
+        experiments, experts, required = _read_experts(registry)
+        router = registry.latest_router()
+        if registry.state_token() == token:
+            paths = {view.ref: str(registry.artifact_path(view)) for view in required}  # content-addressed
+            return ServingState(token, experts, experiments, router, paths)
+    raise StateUnsettled(
+        f"the registry changed during each of {attempts} reads of its state; still serving the previous state"
+    )
+
+
+def _read_experts(registry: Any) -> tuple[dict[str, Any], dict[str, ExpertEntry], list[Any]]:
+    """Running experiments by expert, every expert's entry, and the versions that must stay loaded."""
     experiments = {exp.expert: exp for exp in registry.active_experiments()}
     experts: dict[str, ExpertEntry] = {}
     required: list[Any] = []
@@ -56,8 +84,7 @@ def load_state(registry: Any) -> ServingState:
         if experiment is not None:
             arm_versions = [arm.version for arm in experiment.arms] + [experiment.shadow_version]
             required += [versions[v] for v in arm_versions if v is not None and v in versions]
-    paths = {view.ref: str(registry.artifact_path(view)) for view in required}
-    return ServingState(token, experts, experiments, registry.latest_router(), paths)
+    return experiments, experts, required
 
 
 @dataclass(frozen=True)

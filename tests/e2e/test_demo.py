@@ -38,6 +38,13 @@ def _versions(workdir: Path) -> dict[str, list[int]]:
         return {task: [v.version for v in registry.list_versions(task)] for task in TASKS}
 
 
+def _served(workdir: Path) -> dict[str, int]:
+    from registry.service import Registry
+
+    with Registry(f"sqlite:///{workdir / 'registry.db'}", workdir / "store") as registry:
+        return {task: registry.resolve(task).version for task in TASKS}
+
+
 def test_demo_serves_every_expert_then_reuses_and_retrains(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -68,6 +75,7 @@ def test_demo_serves_every_expert_then_reuses_and_retrains(
     assert "[1/4] reusing the finished run" in capfd.readouterr().out
     assert _created_at(run_dir) == first
     assert _versions(workdir) == {task: [1, 2] for task in TASKS}
+    assert _served(workdir) == {task: 1 for task in TASKS}  # registering moved no traffic
 
     # --retrain trains a new run next to it, swaps it in once finished, and registers version 3.
     prepare_run(REPO_EXAMPLES / "mixture.yaml", run_dir, True, TINY, child_env)
@@ -76,3 +84,4 @@ def test_demo_serves_every_expert_then_reuses_and_retrains(
     assert _created_at(previous_dir(run_dir)) == first
     assert not staging_dir(run_dir).exists()
     assert _versions(workdir) == {task: [1, 2, 3] for task in TASKS}
+    assert _served(workdir) == {task: 3 for task in TASKS}  # the demo promotes what it retrained

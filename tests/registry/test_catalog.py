@@ -17,7 +17,7 @@ from registry.service import Registry
 @pytest.mark.parametrize(
     ("ref", "expected"),
     [
-        ("summarize", 2),  # no prod alias yet → latest live version
+        ("summarize", 1),  # prod, set by the first registration (later ones leave it)
         ("summarize@latest", 3),
         ("summarize@1", 1),
         ("summarize@v1", 1),
@@ -39,6 +39,10 @@ def test_resolve_references(registry: Registry, tmp_path: Path, ref: str, expect
 def test_resolve_name_prefers_prod_over_latest(registry: Registry, tmp_path: Path) -> None:
     for seed in range(2):
         registry.register_run(make_run_dir(tmp_path / f"run{seed}", seed=seed))
+    view = registry.resolve("summarize")
+    assert (view.version, view.aliases) == (1, ["prod"])
+    assert registry.resolve("summarize@latest").version == 2
+    registry.remove_alias("summarize", "prod")  # without prod: the latest live version
     assert registry.resolve("summarize").version == 2
     registry.promote("summarize@1", "prod")
     view = registry.resolve("summarize")

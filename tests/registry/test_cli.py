@@ -29,6 +29,7 @@ def test_cli_lifecycle(isolated_home: Path, tmp_path: Path) -> None:
     for seed in range(2):
         output = _run("register", str(make_run_dir(tmp_path / f"run{seed}", seed=seed)))
         assert f"summarize@{seed + 1}" in output and f"router@{seed + 1}" in output
+        assert ("not served" in output) == (seed == 1)  # the first registration set prod
     listing = _run("registry", "list")
     assert "summarize" in listing and "classify" in listing
     show = _run("registry", "show", "summarize")

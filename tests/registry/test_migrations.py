@@ -47,11 +47,16 @@ def test_foundation_database_upgrades_in_place_with_data_intact(tmp_path: Path) 
     assert registry.latest_router().experts == {"summarize": "summarize@2"}  # type: ignore[union-attr]
     assert registry.resolve("summarize").version == 2
 
+    assert registry.resolve("classify").version == 2  # no prod (registered before prod was set): latest
+
     # New features work on the upgraded data, and new versions continue the numbering.
     registry.promote("summarize@1", "prod")
     assert registry.resolve("summarize").version == 1
     created = registry.register_run(make_run_dir(tmp_path / "run")).experts
     assert [v.ref for v in created] == ["classify@3", "summarize@3"]
+    # Registering did not move traffic: classify's prod was pinned to the version it served (2).
+    assert registry.resolve("classify").version == 2 and registry.resolve("summarize").version == 1
+    assert [(e.action, e.to_version) for e in registry.history("classify")] == [("register", 2)]
     with registry.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM expert_versions")).scalar() == 6
 

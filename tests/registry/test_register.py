@@ -70,3 +70,67 @@ def test_register_rejects_broken_run_dirs_without_side_effects(
         registry.register_run(run_dir)
     assert registry.list_experts() == []
     assert not (registry.store.blobs_dir.exists() and any(registry.store.blobs_dir.iterdir()))
+
+
+def _moves(registry: Registry, name: str) -> list[tuple[str, int | None, int | None, str]]:
+    return [(e.action, e.from_version, e.to_version, e.reason) for e in registry.history(name, "prod")]
+
+
+def test_first_registration_sets_prod_and_later_registrations_move_no_traffic(
+    registry: Registry, run_dir: Path, tmp_path: Path
+) -> None:
+    first = registry.register_run(run_dir)
+    assert [(v.ref, v.aliases) for v in first.experts] == [
+        ("classify@1", ["prod"]),
+        ("summarize@1", ["prod"]),
+    ]
+    assert _moves(registry, "summarize") == [("register", None, 1, "first registration")]
+
+    token = registry.state_token()
+    second = registry.register_run(
+        make_run_dir(tmp_path / "run2", ("summarize", "classify", "extract"), seed=7)
+    )
+    assert registry.state_token() != token  # a new version exists, but serving resolution is unchanged:
+    assert [(v.ref, v.aliases) for v in second.experts] == [
+        ("classify@2", []),
+        ("extract@1", ["prod"]),  # an expert new in this run: its first registration
+        ("summarize@2", []),
+    ]
+    assert registry.resolve("summarize").ref == "summarize@1"
+    assert registry.resolve("summarize@prod").ref == "summarize@1"
+    assert registry.resolve("summarize@latest").ref == "summarize@2"
+    assert _moves(registry, "summarize") == [("register", None, 1, "first registration")]
+    assert {e.name: e.aliases for e in registry.list_experts()}["summarize"] == {"prod": 1}
+
+    registry.promote("summarize@2", reason="better loss")  # only promote/rollback/experiments move it
+    assert registry.resolve("summarize").ref == "summarize@2"
+    assert _moves(registry, "summarize")[-1] == ("promote", 1, 2, "better loss")
+    registry.register_run(make_run_dir(tmp_path / "run3", seed=8))
+    assert registry.resolve("summarize").ref == "summarize@2"
+    assert registry.rollback("summarize").ref == "summarize@1"
+
+
+def test_registering_an_expert_without_prod_pins_prod_to_what_it_served(
+    registry: Registry, run_dir: Path, tmp_path: Path
+) -> None:
+    """Experts registered before registering set prod (or whose prod was removed) are served at their
+    latest version; their next registration pins prod there instead of switching their traffic."""
+    for seed in range(2):
+        registry.register_run(make_run_dir(tmp_path / f"run{seed}", seed=seed))
+    registry.remove_alias("summarize", "prod")
+    assert registry.resolve("summarize").ref == "summarize@2"  # no prod: latest, as before
+    registry.register_run(make_run_dir(tmp_path / "run2", seed=2))
+    assert registry.resolve("summarize").ref == "summarize@2"
+    action, from_version, to_version, reason = _moves(registry, "summarize")[-1]
+    assert (action, from_version, to_version) == ("register", None, 2)
+    assert "kept serving v2 while registering v3" in reason
+
+
+def test_registering_after_every_version_was_archived_serves_the_new_one(
+    registry: Registry, run_dir: Path, tmp_path: Path
+) -> None:
+    registry.register_run(run_dir)
+    registry.archive("summarize@1", force=True)  # removes prod; nothing is servable
+    registry.register_run(make_run_dir(tmp_path / "run2", seed=3))
+    assert registry.resolve("summarize").ref == "summarize@2"
+    assert _moves(registry, "summarize")[-1] == ("register", None, 2, "first live version (v2)")

@@ -1,7 +1,8 @@
 """The gateway against a real vLLM engine, a real SQLite registry and the real `openai` client.
 
 One engine for the whole module (~30 s to start). Tests run in file order and build on each other's
-registry state: version 1 registered → routing/aliases → version 2 (hot swap) → experiments → load.
+registry state: version 1 registered → routing/aliases → version 2 (registered, then promoted) →
+experiments → load.
 """
 
 from __future__ import annotations
@@ -359,11 +360,16 @@ def _adapters(env: Env) -> set[str]:
     return {name for engine in env.http.get("/health").json()["engines"] for name in engine["adapters"]}
 
 
-def test_new_version_and_alias_move_take_effect_without_restart(env: Env) -> None:
+def test_registering_moves_no_traffic_and_alias_moves_take_effect_without_restart(env: Env) -> None:
     env.registry.register_run(env.assets.run2)
-    env.wait_for(lambda: env.expert_of("math") == "math@2")  # no prod alias: latest serves
-    assert {"math@2", "sentiment@2"} <= _adapters(env)
-    env.registry.promote("math@1")  # prod → v1
+    registered = env.registry.state_token()
+    env.wait_for(lambda: env.http.get("/health").json()["state_token"] == registered)
+    assert env.expert_of("math") == "math@1"  # prod, set by the first registration, did not move
+    assert env.expert_of("math@latest") == "math@2"  # loaded on demand
+    env.registry.promote("math@2")
+    env.wait_for(lambda: env.expert_of("math") == "math@2")
+    assert "math@2" in _adapters(env)
+    env.registry.rollback("math")  # prod → v1 again
     env.wait_for(lambda: env.expert_of("math") == "math@1")
     assert env.expert_of("math@prod") == "math@1"
     assert env.expert_of("math@2") == "math@2"  # pinned versions still load on demand
