@@ -286,9 +286,10 @@ class Gateway:
     async def generate(self, request: Request, endpoint: str) -> Response:
         """Handle POST /v1/chat/completions or /v1/completions."""
         started = time.perf_counter()
-        request_id = request.state.request_id = uuid.uuid4().hex  # the 500 handler reports it
-        key = self.authorize(request, "chat")
         path, model_cls, id_prefix = _ENDPOINTS[endpoint]
+        request_id = uuid.uuid4().hex
+        request.state.request_id = id_prefix + request_id  # as the request log names it; a 500 reports it
+        key = self.authorize(request, "chat")
         data = await self.read_json(request)
         try:
             parsed = model_cls.model_validate(data)
