@@ -73,8 +73,8 @@ class FeedbackBook:
         if owner is _UNKNOWN:
             raise APIError(
                 404,
-                f"No response with id `{response_id}` was issued by this gateway or is in the registry's request "
-                "log: send the `id` of a chat/completion response (logged within about a second)",
+                f"Unknown response id `{response_id}`: neither this gateway nor the registry's request log has "
+                "it; send the `id` of a chat/completion response (gateways log it within about a second)",
                 param="id",
                 code="response_not_found",
             )
