@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from registry.service import Registry
 from serving.auth import CLIENT_SCOPES, ApiKeySpecError, KeyRing, bare_key_name, parse_key_spec, split_env
@@ -40,6 +41,7 @@ KEYS = (
     LEGACY,  # a bare key: chat, feedback, read (today's behaviour)
 )
 SECRETS = (ALICE, BOB, OPS, READER, WRITER, LEGACY)
+REFUSED_ADAPTER = "math@1"
 
 
 def fake_vllm() -> Any:
@@ -53,6 +55,13 @@ def fake_vllm() -> Any:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": BASE, "object": "model", "root": BASE, "parent": None}]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request) -> Any:
+        name = (await request.json())["lora_name"]
+        if name == REFUSED_ADAPTER:
+            return PlainTextResponse(f"cannot read /srv/secret-models/{name}: permission denied", 400)
+        return PlainTextResponse("ok")
 
     @app.post("/v1/chat/completions")
     @app.post("/v1/completions")
@@ -340,6 +349,27 @@ def test_500_answers_a_request_id_not_the_exception_text(
     assert error["code"] == "internal_error" and request_id in error["message"]
     logged = [r for r in caplog.records if request_id in r.getMessage()]
     assert logged and "hunter2" in str(logged[0].exc_info[1])
+
+
+def test_500_from_an_adapter_the_engine_refused_keeps_the_engine_text_in_the_log(
+    upstream: str, registry_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """math@2 serves (loaded at start); pinning math@1 makes the FAKE engine refuse the load."""
+    from .registry_fixtures import make_run_dir
+
+    registry = Registry(registry_url, tmp_path / "store")
+    for seed in (1, 2):
+        registry.register_run(make_run_dir(tmp_path, ["math"], seed))
+    with (
+        caplog.at_level(logging.ERROR, logger="moea.serving.gateway"),
+        serve(upstream, registry_url, tmp_path, registry=registry) as gateway,
+    ):
+        body = {"model": "math@1", "messages": [{"role": "user", "content": "hi"}]}
+        response = gateway.http(ALICE).post("/v1/chat/completions", json=body)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "adapter_load_failed"
+    assert "secret-models" not in response.text and response.headers["x-request-id"] in response.text
+    logged = [r.getMessage() for r in caplog.records if response.headers["x-request-id"] in r.getMessage()]
+    assert logged and "secret-models" in logged[0]
 
 
 # ------------------------------------------------------------------------------------- engine key
