@@ -90,7 +90,7 @@ def upstream() -> Iterator[str]:
 
 
 class Served:
-    """One gateway on a free port with its registry; `client(secret)` and `http(secret)` call it."""
+    """One gateway on a free port with its registry; `chat`, `rate` and `http` call it with a key."""
 
     def __init__(self, thread: GatewayThread, registry: Registry, writer: Any) -> None:
         self.thread, self.url, self.registry, self.writer = thread, thread.url, registry, writer
@@ -121,7 +121,7 @@ class Served:
 def serve(
     upstream: str, url: str, tmp_path: Path, keys: tuple[str, ...] = KEYS, registry: Any = None
 ) -> Iterator[Served]:
-    """A gateway (no experts registered: the base model only) over the fake engine."""
+    """A gateway over the fake engine (on a fresh registry: no experts, the base model only)."""
     from serving.app import create_app
     from serving.engine import EnginePool
     from serving.gateway import Gateway
