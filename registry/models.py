@@ -19,6 +19,7 @@ from sqlmodel import Field, SQLModel
 from .errors import ValidationError
 
 NAME_MAX = 64
+KEY_NAME_MAX = 64
 ALIAS_MAX = 32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -296,6 +297,8 @@ class RequestLog(SQLModel, table=True):
     completion_tokens: int = Field(default=0, sa_type=Integer, nullable=False)
     status_code: int = Field(default=200, sa_type=Integer, nullable=False)
     shadow: bool = Field(default=False, sa_type=Boolean, nullable=False)
+    key_name: str | None = Field(default=None, sa_type=String(KEY_NAME_MAX), nullable=True)
+    """Name of the gateway API key that made the request (never the key); None without auth."""
 
 
 class Outcome(SQLModel, table=True):
@@ -310,6 +313,8 @@ class Outcome(SQLModel, table=True):
     reward: float | None = Field(default=None, sa_type=Float, nullable=True)
     thumbs: bool | None = Field(default=None, sa_type=Boolean, nullable=True)
     outcome_id: str | None = Field(default=None, sa_type=String(64), nullable=True)
+    key_name: str | None = Field(default=None, sa_type=String(KEY_NAME_MAX), nullable=True)
+    """Name of the gateway API key that sent the rating (never the key); None without auth."""
 
 
 class RegistryState(SQLModel, table=True):
@@ -476,6 +481,8 @@ class RequestRecord:
     completion_tokens: int
     status_code: int
     shadow: bool = False
+    key_name: str | None = None
+    """Name of the API key that made the request (the gateway's `--api-key NAME:KEY`), never the key."""
 
 
 @dataclass
@@ -488,3 +495,27 @@ class OutcomeRecord:
     thumbs: bool | None = None
     outcome_id: str | None = None
     """Idempotency key: an outcome with an id already stored is not inserted again (None: always inserted)."""
+    key_name: str | None = None
+    """Name of the API key that sent the rating, never the key."""
+    override: bool = False
+    """May replace a rating another key gave first (an admin key's rating); not stored."""
+
+
+@dataclass(frozen=True)
+class RatingState:
+    """What the request log says about rating one response (the gateway's /v1/feedback checks)."""
+
+    request_id: str
+    owner: str | None
+    """Name of the key that made the request (None: made without auth, or before keys had names)."""
+    rated: bool
+    """Some outcome is recorded for it."""
+    rater: str | None
+    """Name of the key whose rating stands (the latest outcome's), when `rated`."""
+
+
+def rating_accepted(current: tuple[str | None] | None, key_name: str | None, override: bool) -> bool:
+    """The first rating of a response stands: a new one is taken when there is none yet (`current` is
+    None), when it comes from the key that gave the standing one (`current == (key_name,)`: an update)
+    or when it may override (an admin key)."""
+    return current is None or override or current == (key_name,)

@@ -32,6 +32,7 @@ from .models import (
     ExpertVersionView,
     ExpertView,
     OutcomeRecord,
+    RatingState,
     RegisterResult,
     RequestRecord,
     RouterVersionView,
@@ -227,9 +228,14 @@ class Registry:
         """Insert a batch of request records in one transaction (does not change the state token)."""
         request_log.log_requests(self.engine, records)
 
-    def record_outcomes(self, records: list[OutcomeRecord]) -> None:
-        """Insert a batch of outcomes in one transaction."""
-        request_log.record_outcomes(self.engine, records)
+    def record_outcomes(self, records: list[OutcomeRecord]) -> list[OutcomeRecord]:
+        """Insert a batch of outcomes in one transaction; the first rating of a response stands (another
+        key's later rating is refused unless it may override). Returns the refused outcomes."""
+        return request_log.record_outcomes(self.engine, records)
+
+    def rating_state(self, request_id: str) -> RatingState | None:
+        """Whose request `request_id` was and whose rating stands; None when it was never logged."""
+        return request_log.rating_state(self.engine, request_id)
 
     def experiment_requests(self, experiment_id: int) -> list[RequestRecord]:
         """Every request logged under the experiment, in insertion order."""

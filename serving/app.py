@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError
+from .errors import APIError, internal_error
 from .gateway import Gateway
 from .guard_monitor import DEFAULT_INTERVAL_S, GuardMonitor
 
@@ -47,15 +48,18 @@ def _add_error_handlers(app: FastAPI, gateway: Gateway) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         gateway.metrics.errors.labels(_endpoint_label(request), error.code or error.type).inc()
+        if error.status == 500:  # e.g. an adapter the engine refused: details (paths, engine text) stay here
+            request_id = _request_id(request)
+            log.error("%s on %s (request id %s): %s", error.code, request.url.path, request_id, error.message)
+            return internal_error(request_id, error.code).response()
         return error.response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
+        request_id = _request_id(request)
+        log.exception("unexpected error on %s (request id %s)", request.url.path, request_id)
         gateway.metrics.errors.labels(_endpoint_label(request), "internal_error").inc()
-        return APIError(
-            500, f"internal gateway error: {error}", type="server_error", code="internal_error"
-        ).response()
+        return internal_error(request_id).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -84,17 +88,22 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
         return await gateway.feedback(request)
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        return gateway.health()
+    async def health(request: Request) -> JSONResponse:
+        return gateway.health(request)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        gateway.authorize(request)
+        gateway.authorize(request, "read")
         from prometheus_client import REGISTRY, generate_latest
 
         # Process-wide collectors (request-log writer, process stats) + this gateway's own registry.
         body = generate_latest(REGISTRY) + gateway.metrics.render()
         return Response(body, media_type=gateway.metrics.content_type)
+
+
+def _request_id(request: Request) -> str:
+    """The id the gateway gave this request (chat, completions, feedback), else a fresh one."""
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
 def _endpoint_label(request: Request) -> str:

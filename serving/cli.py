@@ -59,8 +59,18 @@ def _served_name(base_spec: str | None, resolved: str, registered_name: str | No
 
 
 def _api_keys(flags: tuple[str, ...]) -> tuple[str, ...]:
-    env = [key.strip() for key in os.environ.get("MOEA_API_KEYS", "").split(",") if key.strip()]
-    return tuple(dict.fromkeys([*flags, *env]))
+    """The key specs of --api-key plus MOEA_API_KEYS, checked (serving/auth.py: NAME:KEY:SCOPES)."""
+    from .auth import ApiKeySpecError, KeyRing, split_env
+
+    specs = tuple(dict.fromkeys([*flags, *split_env(os.environ.get("MOEA_API_KEYS", ""))]))
+    try:
+        ring = KeyRing(specs)
+    except ApiKeySpecError as error:
+        raise ServeError(str(error)) from None
+    if ring.enabled:
+        listed = ", ".join(f"{key.name} ({','.join(sorted(key.scopes))})" for key in ring.keys)
+        log.info("API keys: %s", listed)
+    return specs
 
 
 @click.command("serve")
@@ -112,6 +122,7 @@ def run_server(serve: ServeSettings) -> None:
     # One INFO line per forwarded request (httpx) or per migration plugin (alembic) is noise on a gateway.
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    api_keys = _api_keys(serve.api_keys)  # a bad key spec is refused before anything starts
     registry = Registry(serve.registry_url, serve.store_dir)
     # Before vLLM starts: a refusal costs nothing, a too-small engine would only show under load.
     flags = size_lora_flags(lora_needs(served_at_start(registry, serve.base_lora_guard)), max_loras=serve.max_loras,
@@ -131,7 +142,7 @@ def run_server(serve: ServeSettings) -> None:
         api_key=serve.engine_api_key,
         metrics=metrics,
     )
-    config = GatewayConfig.from_serve(serve, base_name=base_name, api_keys=_api_keys(serve.api_keys))
+    config = GatewayConfig.from_serve(serve, base_name=base_name, api_keys=api_keys)
     writer = RequestLogWriter(registry, serve.spool_dir, metrics_registry=metrics.registry)
     gateway = Gateway(config, registry, pool, request_log=writer)
     if not config.api_keys and serve.host not in ("127.0.0.1", "localhost", "::1"):

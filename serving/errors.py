@@ -29,6 +29,18 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def internal_error(request_id: str, code: str | None = "internal_error") -> APIError:
+    """The 500 a client sees: a generic message with the request id, never the exception text (the
+    gateway logs that with the same request id)."""
+    return APIError(
+        500,
+        f"Internal gateway error (request id {request_id}); the gateway's log has the details",
+        type="server_error",
+        code=code or "internal_error",
+        headers={"x-request-id": request_id},
+    )
+
+
 def unavailable_error(message: str) -> APIError:
     """503 `engine_unavailable` with `Retry-After: 2`: the client should retry shortly."""
     return APIError(

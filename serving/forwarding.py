@@ -37,6 +37,8 @@ class Exchange:
     shadow: bool = False
     gateway_error: bool = False
     """The gateway answered the error itself (counted by the error handler, not as an engine error)."""
+    key_name: str | None = None
+    """Name of the API key that made the request (request log; who may rate the response)."""
 
     def response_headers(self) -> dict[str, str]:
         """`x-moea-expert`, `x-request-id` and, inside an experiment, `x-moea-experiment`."""

@@ -27,7 +27,6 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -41,9 +40,11 @@ from registry.errors import ValidationError as RefError
 from registry.models import OutcomeRecord, RequestRecord, parse_ref
 
 from .ab.assign import assign_arm
+from .auth import ApiKey, KeyRing, require
 from .base_lora import BaseLoraGuard
 from .engine import EnginePool
 from .errors import APIError, unavailable_error, validation_error
+from .feedback import FeedbackBook
 from .forwarding import Exchange, Forwarder
 from .lora_slots import LoraSlotError, growth_warning, lora_needs, shortfalls
 from .metrics import GatewayMetrics
@@ -88,12 +89,12 @@ class Gateway:
         self.forwarder = Forwarder(pool, request_timeout_s=config.request_timeout_s, finish=self._finish)
         self.state: ServingState | None = None
         self._paths: dict[str, str] = {}
-        self._recent_ids: OrderedDict[str, None] = OrderedDict()
+        self.feedback_book = FeedbackBook(registry, config.feedback_window)
         self._watcher: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._shadow_slots = asyncio.Semaphore(config.shadow_concurrency)
         self._background: set[asyncio.Task[Any]] = set()
-        self._api_keys = frozenset(f"Bearer {key}" for key in config.api_keys)
+        self.keys = KeyRing(config.api_keys)
         self.base_lora = BaseLoraGuard(config.base_lora_guard)
         self._slot_warning: str | None = None
         self._required: dict[str, str] = {}
@@ -195,17 +196,10 @@ class Gateway:
         return self.base_lora.base_adapter(self.pool)
 
     # ---- request helpers -----------------------------------------------------------------------------
-    def authorize(self, request: Request) -> None:
-        """401 unless the request carries one of the configured API keys."""
-        if not self._api_keys:
-            return
-        if request.headers.get("authorization") not in self._api_keys:
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key given to moea serve "
-                "(--api-key or MOEA_API_KEYS)",
-                code="invalid_api_key",
-            )
+    def authorize(self, request: Request, *scopes: str) -> ApiKey | None:
+        """The caller's key (None without configured keys); 401 without a valid key, 403 when it has
+        none of `scopes` (serving/auth.py lists them)."""
+        return require(self.keys, request.headers.get("authorization"), *scopes)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The request body as a JSON object (413 when too large, 400 when not a JSON object)."""
@@ -306,17 +300,14 @@ class Gateway:
             )
         return path
 
-    def _remember(self, response_id: str) -> None:
-        self._recent_ids[response_id] = None
-        if len(self._recent_ids) > self.config.feedback_window:
-            self._recent_ids.popitem(last=False)
-
     # ---- generation ----------------------------------------------------------------------------------
     async def generate(self, request: Request, endpoint: str) -> Response:
         """Handle POST /v1/chat/completions or /v1/completions."""
         started = time.perf_counter()
-        self.authorize(request)
         path, model_cls, id_prefix = _ENDPOINTS[endpoint]
+        request_id = uuid.uuid4().hex
+        request.state.request_id = id_prefix + request_id  # as the request log names it; a 500 reports it
+        key = self.authorize(request, "chat")
         data = await self.read_json(request)
         try:
             parsed = model_cls.model_validate(data)
@@ -334,13 +325,13 @@ class Gateway:
         if strip_usage:  # ask for usage (metrics, request log); the extra chunk is removed again below
             upstream["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         content = json.dumps(upstream, separators=(",", ":")).encode()
-        request_id = uuid.uuid4().hex
-        exchange = Exchange(endpoint, target, user, id_prefix + request_id, started)
+        key_name = key.name if key is not None else None
+        exchange = Exchange(endpoint, target, user, id_prefix + request_id, started, key_name=key_name)
         try:
             lease = await self.forwarder.lease(adapter, adapter_path)
             self.metrics.overhead.labels(endpoint).observe(time.perf_counter() - started)
             if target.shadow_version is not None and not parsed.streaming:
-                self._spawn_shadow(endpoint, target, user, data)
+                self._spawn_shadow(endpoint, target, user, data, key_name)
             if parsed.streaming:
                 return await self.forwarder.forward_stream(
                     lease, path, content, request_id, exchange, strip_usage
@@ -364,7 +355,7 @@ class Gateway:
                 ex.endpoint, "engine_error" if ex.status >= 500 else "engine_rejected"
             ).inc()
         if not ex.shadow:
-            self._remember(ex.response_id)
+            self.feedback_book.issued(ex.response_id, ex.key_name)
         if self.request_log is not None:
             self.request_log.submit_request(
                 RequestRecord(
@@ -380,11 +371,14 @@ class Gateway:
                     completion_tokens=ex.completion_tokens,
                     status_code=ex.status,
                     shadow=ex.shadow,
+                    key_name=ex.key_name,
                 )
             )
 
     # ---- shadow traffic ------------------------------------------------------------------------------
-    def _spawn_shadow(self, endpoint: str, target: Target, user: str | None, data: dict[str, Any]) -> None:
+    def _spawn_shadow(
+        self, endpoint: str, target: Target, user: str | None, data: dict[str, Any], key_name: str | None
+    ) -> None:
         """Send a copy to the experiment's shadow version (logged, never returned); skip when saturated."""
         if self._shadow_slots.locked() or target.expert is None or target.shadow_version is None:
             return
@@ -399,14 +393,19 @@ class Gateway:
             prompt=version_prompt_spec(view) if view is not None else None,
         )
         body = json.dumps(upstream_body(data, shadow, shadow.adapter or ""), separators=(",", ":")).encode()
-        task = asyncio.create_task(self._shadow(endpoint, shadow, user, body))
+        task = asyncio.create_task(self._shadow(endpoint, shadow, user, body, key_name))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shadow(self, endpoint: str, target: Target, user: str | None, content: bytes) -> None:
+    async def _shadow(
+        self, endpoint: str, target: Target, user: str | None, content: bytes, key_name: str | None
+    ) -> None:
         async with self._shadow_slots:
             request_id = uuid.uuid4().hex
-            ex = Exchange(endpoint, target, user, f"shadow-{request_id}", time.perf_counter(), shadow=True)
+            started = time.perf_counter()
+            ex = Exchange(
+                endpoint, target, user, f"shadow-{request_id}", started, shadow=True, key_name=key_name
+            )
             try:
                 lease = await self.forwarder.lease(target.adapter, await self.adapter_path(target))
                 await self.forwarder.forward(lease, _ENDPOINTS[endpoint][0], content, request_id, ex)
@@ -417,7 +416,7 @@ class Gateway:
     # ---- other endpoints -----------------------------------------------------------------------------
     def models(self, request: Request) -> dict[str, Any]:
         """GET /v1/models: `moe`, the base model and every expert (with its serving version)."""
-        self.authorize(request)
+        self.authorize(request, "chat", "read")
         state = self._state()
         created = int(time.time())
         cards = [
@@ -447,36 +446,38 @@ class Gateway:
         return {"object": "list", "data": cards}
 
     async def feedback(self, request: Request) -> dict[str, Any]:
-        """POST /v1/feedback: store the outcome of an earlier response for A/B analysis."""
-        self.authorize(request)
+        """POST /v1/feedback: store the outcome of an earlier response for A/B analysis (only the key
+        that made the request, or an admin key; the first rating stands — serving/feedback.py)."""
+        request.state.request_id = uuid.uuid4().hex
+        key = self.authorize(request, "feedback")
         data = await self.read_json(request)
         try:
             parsed = FeedbackRequest.model_validate(data)
         except PydanticValidationError as error:
             raise validation_error(error) from None
-        if parsed.id not in self._recent_ids:
-            raise APIError(
-                404,
-                f"No response with id `{parsed.id}` was served recently by this gateway: send the `id` of a "
-                "chat/completion response",
-                param="id",
-                code="response_not_found",
-            )
+        await self.feedback_book.check(parsed.id, key)
+        key_name = key.name if key is not None else None
         thumbs = None if parsed.thumbs is None else parsed.thumbs == "up"
         if self.request_log is not None:
             self.request_log.submit_outcome(
                 OutcomeRecord(
-                    request_id=parsed.id, created_at=datetime.now(UTC), reward=parsed.reward, thumbs=thumbs
+                    request_id=parsed.id, created_at=datetime.now(UTC), reward=parsed.reward, thumbs=thumbs,
+                    key_name=key_name, override=key is not None and key.admin,
                 )
-            )
+            )  # fmt: skip
+        self.feedback_book.rated(parsed.id, key_name)
         self.metrics.feedback.labels("reward" if parsed.reward is not None else "thumbs").inc()
         return {"id": parsed.id, "object": "feedback", "accepted": True}
 
-    def health(self) -> JSONResponse:
-        """GET /health: 200 while at least one engine serves, else 503."""
+    def health(self, request: Request) -> JSONResponse:
+        """GET /health: 200 while at least one engine serves, else 503. Without a key only the status;
+        the details (engines, adapters, router, state) need a key with the `read` scope."""
         healthy = bool(self.pool.healthy_replicas) and self.state is not None
-        body = {
-            "status": "ok" if healthy else "unavailable",
+        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
+        if self.keys.enabled and "authorization" not in request.headers:
+            return JSONResponse(body, status_code=200 if healthy else 503)
+        self.authorize(request, "read")
+        body |= {
             "engines": [
                 {
                     "url": replica.url,

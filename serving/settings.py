@@ -54,7 +54,9 @@ class ServeSettings:
     )
     api_keys: tuple[str, ...] = _setting(
         (),
-        "Key clients must send as `Authorization: Bearer KEY` (repeatable; also MOEA_API_KEYS=k1,k2).",
+        "Key clients must send as `Authorization: Bearer KEY`: KEY (scopes chat,feedback,read), NAME:KEY or "
+        "NAME:KEY:SCOPES with comma-separated scopes of chat, feedback, read, admin (repeatable; also "
+        "MOEA_API_KEYS, entries separated by spaces or ';'). The request log records the NAME, never the key.",
         option="--api-key",
         multiple=True,
     )
@@ -172,7 +174,8 @@ class GatewayConfig:
     base_name: str
     """Served name of the base model (`model=<this>` → no LoRA)."""
     api_keys: tuple[str, ...] = ()
-    """Accepted bearer tokens; empty → no authentication (loopback/dev only)."""
+    """Accepted key specs, `KEY` / `NAME:KEY` / `NAME:KEY:SCOPES` (serving/auth.py); empty → no
+    authentication (loopback/dev only)."""
     max_body_bytes: int = ServeSettings.max_body_bytes
     """Largest request body accepted (413 beyond)."""
     poll_interval_s: float = ServeSettings.poll_interval
@@ -187,7 +190,7 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     """Longest a forwarded request may take."""
     feedback_window: int = 200_000
-    """Response ids remembered for /v1/feedback (older ids → 404)."""
+    """Response ids (and ratings) remembered for /v1/feedback; older ones are looked up in the request log."""
     shadow_concurrency: int = 4
     """Most shadow copies in flight; beyond it copies are skipped, never queued."""
     base_lora_guard: bool = ServeSettings.base_lora_guard

@@ -66,7 +66,8 @@ class EngineSettings:
     port: int | None = None
     """Engine port; None → a free port chosen at start."""
     api_key: str | None = None
-    """`--api-key` of the engine (sent by the gateway as a bearer token)."""
+    """Key of the engine (sent by the gateway as a bearer token); it reaches vLLM as VLLM_API_KEY in the
+    child's environment, never on its command line (visible to every local user in `ps`)."""
     extra_args: tuple[str, ...] = ()
     """More vLLM CLI arguments, e.g. ("--tensor-parallel-size", "2")."""
     startup_timeout_s: float = ServeSettings.startup_timeout
@@ -116,8 +117,6 @@ class EngineSettings:
             cmd += ["--max-cpu-loras", str(self.max_cpu_loras)]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
         return cmd + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -129,6 +128,8 @@ class EngineSettings:
         if self.cpu_threads_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
         env[CPU_LORA_SWITCH] = "1" if self.cpu_lora_kernel else "0"
+        if self.api_key:  # vLLM 0.32 reads it when --api-key is absent (entrypoints/serve/middleware)
+            env["VLLM_API_KEY"] = self.api_key
         return env
 
     @property

@@ -221,7 +221,8 @@ def test_without_guard_the_cpu_kernel_keeps_base_requests_base(env: Env) -> None
     config = GatewayConfig(base_name=BASE, api_keys=(API_KEY,), base_lora_guard=False)
     thread = GatewayThread(create_app(Gateway(config, registry, pool)))
     try:
-        assert httpx.get(f"{thread.url}/health").json()["base_adapter"] is None
+        health = httpx.get(f"{thread.url}/health", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert health.json()["base_adapter"] is None
         mismatches = _base_isolation_mismatches(thread.url)
     finally:
         thread.stop()
@@ -239,7 +240,9 @@ def test_unknown_model_is_openai_404(env: Env) -> None:
 
 def test_auth(env: Env) -> None:
     anonymous = httpx.Client(base_url=env.url, timeout=30)
-    assert anonymous.get("/health").status_code == 200
+    health = anonymous.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # details need a key
+    assert env.http.get("/health").json()["engines"][0]["healthy"] is True
     for path, method in [("/v1/models", "GET"), ("/metrics", "GET"), ("/v1/chat/completions", "POST")]:
         response = anonymous.request(method, path, json={}, headers={"Authorization": "Bearer wrong"})
         assert response.status_code == 401, path

@@ -34,7 +34,7 @@ class Served:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
     def engine(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()["engines"][0]
+        return self.http().get("/health", timeout=10).json()["engines"][0]  # details need a key
 
 
 def _group_members(pgid: int) -> list[int]:
