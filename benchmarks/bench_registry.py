@@ -32,8 +32,9 @@ from common import mode, standard_parser, summary, write_result  # noqa: E402
 from helpers import make_run_dir  # noqa: E402
 
 from registry import db  # noqa: E402
-from registry.models import OutcomeRecord, RequestRecord, utcnow  # noqa: E402
+from registry.models import utcnow  # noqa: E402
 from registry.service import Registry  # noqa: E402
+from registry.views import OutcomeRecord, RequestRecord  # noqa: E402
 
 TARGET_RESOLVE_P50_MS = 1.0
 """Budget for one ``resolve`` (the gateway resolves the requested name on every request)."""

@@ -7,20 +7,10 @@ from sqlmodel import Session, select
 
 from . import db
 from .errors import ConflictError
-from .models import (
-    Alias,
-    AliasEvent,
-    AliasEventView,
-    ExpertVersion,
-    ExpertVersionView,
-    Ref,
-    as_utc,
-    parse_ref,
-    utcnow,
-    validate_alias,
-)
+from .models import Alias, AliasEvent, ExpertVersion, Ref, as_utc, parse_ref, utcnow, validate_alias
 from .state import bump_state, default_actor
 from .versions import DEFAULT_ALIAS, find_expert, find_version, view_for
+from .views import AliasEventView, ExpertVersionView
 
 
 def move_alias(

@@ -9,9 +9,10 @@ from . import db
 from .aliases import move_alias
 from .errors import ConflictError, ValidationError
 from .experiments import running_experiment
-from .models import Alias, ExpertVersionView, parse_ref, utcnow
+from .models import Alias, parse_ref, utcnow
 from .state import bump_state
 from .versions import find_expert, find_version, view_for
+from .views import ExpertVersionView
 
 
 def archive(

@@ -10,17 +10,7 @@ from sqlmodel import Session, col, select
 
 from .artifacts import ArtifactTrees
 from .errors import NotFoundError
-from .models import (
-    Alias,
-    Expert,
-    ExpertVersion,
-    ExpertVersionView,
-    ExpertView,
-    Ref,
-    as_utc,
-    parse_ref,
-    validate_name,
-)
+from .models import Alias, Expert, ExpertVersion, Ref, as_utc, parse_ref, validate_name
 from .versions import (
     aliases_by_version,
     find_expert,
@@ -30,6 +20,7 @@ from .versions import (
     version_view,
     view_for,
 )
+from .views import ExpertVersionView, ExpertView
 
 _ALIASES = cast(Table, Alias.__table__)
 # Built once: resolve is on the gateway's hot path (see registry.versions).

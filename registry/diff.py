@@ -9,8 +9,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from .artifacts import ArtifactTrees
-from .models import ExpertVersionView, parse_ref
+from .models import parse_ref
 from .versions import find_version, view_for
+from .views import ExpertVersionView
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,10 @@ from . import db
 from .aliases import move_alias
 from .errors import ConflictError, NotFoundError, ValidationError
 from .experiment_metrics import EXPERIMENT_METRICS
-from .models import (
-    Alias,
-    AliasEvent,
-    Arm,
-    Experiment,
-    ExperimentView,
-    Expert,
-    ExpertVersion,
-    Ref,
-    as_utc,
-    utcnow,
-    validate_name,
-)
+from .models import Alias, AliasEvent, Experiment, Expert, ExpertVersion, Ref, as_utc, utcnow, validate_name
 from .state import bump_state, default_actor
 from .versions import DEFAULT_ALIAS, find_expert, find_version
+from .views import Arm, ExperimentView
 
 
 def _parse_arms(arms: Sequence[tuple[int, float]], metric: str, shadow_version: int | None) -> list[Arm]:

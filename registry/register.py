@@ -25,21 +25,13 @@ from . import db
 from .aliases import move_alias
 from .artifacts import artifact_row
 from .errors import ValidationError
-from .models import (
-    Alias,
-    Expert,
-    ExpertVersion,
-    RegisterResult,
-    RouterExpert,
-    RouterVersion,
-    RouterVersionView,
-    utcnow,
-)
+from .models import Alias, Expert, ExpertVersion, RouterExpert, RouterVersion, utcnow
 from .routers import router_view
 from .rundir import ExpertPlan, RunPlan, read_run_dir
 from .state import bump_state, default_actor
 from .store import ArtifactStore, Tree
 from .versions import DEFAULT_ALIAS, latest_version_number, version_view
+from .views import RegisterResult, RouterVersionView
 
 FIRST_REGISTRATION = "first registration"
 """Reason recorded in the alias history when an expert's first version takes `prod`."""

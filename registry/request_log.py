@@ -12,7 +12,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from . import db
-from .models import Outcome, OutcomeRecord, RatingState, RequestLog, RequestRecord, as_utc, rating_accepted
+from .models import Outcome, RequestLog, as_utc
+from .views import OutcomeRecord, RatingState, RequestRecord, rating_accepted
 
 # An A/B report reads tens of thousands of rows, so the reads bypass the ORM (no identity map, no per-row
 # objects) and use statements built once here, which SQLAlchemy's compiled cache then reuses.

@@ -11,8 +11,9 @@ from sqlmodel import Session, select
 
 from .artifacts import ArtifactTrees
 from .errors import NotFoundError
-from .models import Expert, ExpertVersion, FileView, RouterExpert, RouterVersion, RouterVersionView, as_utc
+from .models import Expert, ExpertVersion, RouterExpert, RouterVersion, as_utc
 from .store import Tree
+from .views import FileView, RouterVersionView
 
 # latest_router runs on every gateway poll, so it bypasses the ORM and uses statements built once here
 # (SQLAlchemy's compiled cache then makes each call one cached compile lookup).

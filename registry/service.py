@@ -26,7 +26,11 @@ from . import register as registering
 from .artifacts import ArtifactTrees, materialize_artifact
 from .diff import VersionDiff
 from .maintenance import VerifyReport
-from .models import (
+from .state import state_token
+from .store import ArtifactStore, GcReport
+from .transfer import ImportResult
+from .versions import DEFAULT_ALIAS
+from .views import (
     AliasEventView,
     ExperimentView,
     ExpertVersionView,
@@ -37,10 +41,6 @@ from .models import (
     RequestRecord,
     RouterVersionView,
 )
-from .state import state_token
-from .store import ArtifactStore, GcReport
-from .transfer import ImportResult
-from .versions import DEFAULT_ALIAS
 
 
 class Registry:

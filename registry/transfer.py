@@ -33,20 +33,11 @@ from .aliases import move_alias
 from .artifacts import ArtifactTrees, artifact_row
 from .catalog import get_version, list_experts, list_versions, resolve
 from .errors import IntegrityError, ValidationError
-from .models import (
-    Alias,
-    Expert,
-    ExpertVersion,
-    ExpertVersionView,
-    as_utc,
-    parse_ref,
-    utcnow,
-    validate_alias,
-    validate_name,
-)
+from .models import Alias, Expert, ExpertVersion, as_utc, parse_ref, utcnow, validate_alias, validate_name
 from .state import bump_state, default_actor
 from .store import ArtifactStore, FileEntry, Tree, file_sha256, tree_hash, validate_relpath
 from .versions import latest_version_number, version_view
+from .views import ExpertVersionView
 
 EXPORT_FORMAT = "moea-registry-export"
 EXPORT_FORMAT_VERSION = 1

@@ -14,17 +14,9 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from .errors import NotFoundError
-from .models import (
-    Alias,
-    Expert,
-    ExpertVersion,
-    ExpertVersionView,
-    FileView,
-    Ref,
-    as_utc,
-    validate_name,
-)
+from .models import Alias, Expert, ExpertVersion, Ref, as_utc, validate_name
 from .store import Tree
+from .views import ExpertVersionView, FileView
 
 DEFAULT_ALIAS = "prod"
 

@@ -18,7 +18,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from registry.models import rating_accepted
+from registry.views import rating_accepted
 
 from .auth import ApiKey
 from .errors import APIError

@@ -37,7 +37,8 @@ from pydantic import ValidationError as PydanticValidationError
 
 from moe_adapters.prompting import system_prompt_source, version_prompt_spec
 from registry.errors import ValidationError as RefError
-from registry.models import OutcomeRecord, RequestRecord, parse_ref
+from registry.models import parse_ref
+from registry.views import OutcomeRecord, RequestRecord
 
 from .ab.assign import assign_arm
 from .auth import ApiKey, KeyRing, require

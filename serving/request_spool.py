@@ -28,7 +28,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from registry.local import moea_home
-from registry.models import OutcomeRecord, RequestRecord
+from registry.views import OutcomeRecord, RequestRecord
 
 __all__ = [
     "SUFFIX",

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
-    from registry.models import ExperimentView
+    from registry.views import ExperimentView
 
 __all__ = [
     "NUM_BUCKETS",

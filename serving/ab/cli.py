@@ -23,8 +23,8 @@ from .report import build_report
 from .sequential import DEFAULT_MIXING_SD
 
 if TYPE_CHECKING:
-    from registry.models import ExperimentView
     from registry.service import Registry
+    from registry.views import ExperimentView
 
 
 def _open_registry(url: str | None) -> Registry:

@@ -54,7 +54,7 @@ from .assign import ABError
 from .sequential import DEFAULT_MIXING_SD, confidence_sequence_half_width
 
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
-    from registry.models import ExperimentView, OutcomeRecord, RequestRecord
+    from registry.views import ExperimentView, OutcomeRecord, RequestRecord
 
 __all__ = [
     "DEFAULT_SETTINGS",

@@ -32,7 +32,7 @@ from .stats import (
 )
 
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
-    from registry.models import ExperimentView, OutcomeRecord, RequestRecord
+    from registry.views import ExperimentView, OutcomeRecord, RequestRecord
 
 __all__ = [
     "UNITS",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the registry's views; any object with the same fields works
-    from registry.models import OutcomeRecord, RequestRecord
+    from registry.views import OutcomeRecord, RequestRecord
 
 __all__ = ["analysis_notes", "latest_outcomes", "unit_samples", "unit_values"]
 

@@ -12,7 +12,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from registry.models import RequestRecord
+from registry.views import RequestRecord
 
 
 def make_run_dir(

@@ -12,8 +12,8 @@ import pytest
 from helpers import make_request, make_run_dir
 
 from registry.errors import ConflictError, NotFoundError, ValidationError
-from registry.models import OutcomeRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord
 
 
 def test_experiments_requests_and_outcomes(registry: Registry, tmp_path: Path) -> None:

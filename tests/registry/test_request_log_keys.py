@@ -8,8 +8,8 @@ from pathlib import Path
 from sqlalchemy import text
 
 from registry import db
-from registry.models import OutcomeRecord, RequestRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord, RequestRecord
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -12,8 +12,8 @@ import pytest
 from helpers import make_request, make_run_dir
 
 from registry.errors import NotFoundError
-from registry.models import OutcomeRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord
 
 
 def test_state_token_changes_only_on_serving_changes(registry: Registry, run_dir: Path) -> None:

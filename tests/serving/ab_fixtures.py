@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from registry.models import Arm, ExperimentView, OutcomeRecord, RequestRecord
+from registry.views import Arm, ExperimentView, OutcomeRecord, RequestRecord
 from serving.ab.assign import assign_arm
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from registry.models import OutcomeRecord, RequestRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord, RequestRecord
 from serving.ab.assign import assign_arm
 from serving.ab.cli import ab_group
 

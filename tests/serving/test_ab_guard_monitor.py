@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from registry.errors import ConflictError
-from registry.models import OutcomeRecord, RequestRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord, RequestRecord
 from serving.ab.assign import assign_arm
 from serving.ab.report import build_report
 from serving.ab.stats import srm_check

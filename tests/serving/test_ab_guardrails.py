@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from registry.experiments import ramp_arms
-from registry.models import Arm, OutcomeRecord, RequestRecord
+from registry.views import Arm, OutcomeRecord, RequestRecord
 from serving.ab.assign import NUM_BUCKETS, ABError, assign_arm, user_bucket
 from serving.ab.guardrails import (
     Guardrail,

@@ -7,7 +7,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from registry.models import OutcomeRecord, RequestRecord
+from registry.views import OutcomeRecord, RequestRecord
 from serving.ab.assign import ABError, assign_arm
 from serving.ab.render import render_report
 from serving.ab.report import compute_report

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from registry.models import ExperimentView, OutcomeRecord, RequestRecord
 from registry.service import Registry
+from registry.views import ExperimentView, OutcomeRecord, RequestRecord
 from serving.request_log import RequestLogWriter
 from serving.request_spool import encode
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.models import OutcomeRecord
 from registry.service import Registry
+from registry.views import OutcomeRecord
 from serving.request_log import RequestLogWriter
 from serving.request_spool import SUFFIX, decode, default_spool_dir, encode
 
