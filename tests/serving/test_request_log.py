@@ -219,7 +219,7 @@ def test_interpreter_exit_flushes_a_writer_nobody_closed(
     script = f"""
 import sys
 from datetime import UTC, datetime
-from registry.models import RequestRecord
+from registry.views import RequestRecord
 from registry.service import Registry
 from serving.request_log import RequestLogWriter
 from serving.request_spool import encode

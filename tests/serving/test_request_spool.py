@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = """
 import sys, time
 from datetime import UTC, datetime, timedelta
-from registry.models import OutcomeRecord, RequestRecord
+from registry.views import OutcomeRecord, RequestRecord
 from registry.service import Registry
 from serving.request_log import RequestLogWriter
 
