@@ -155,3 +155,60 @@ def test_cli_without_any_eval_promotes_and_says_it_was_not_gated(isolated_home: 
         _moea("register", str(make_run(tmp_path, seed)))
     done = _moea("registry", "promote", "math@2")
     assert done.exit_code == 0 and "not gated: the candidate has no eval score" in done.output
+
+
+def _real_adapter(base: str, out: Path, seed: int) -> None:
+    """A real PEFT LoRA (r=8, q/v) with random non-zero weights: vLLM loads it, answers differ from base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")  # fmt: skip
+    get_peft_model(model, config).save_pretrained(out)
+
+
+@pytest.mark.slow
+def test_real_gated_promote_generates_once_with_vllm_and_caches(isolated_home: Path, tmp_path: Path) -> None:
+    """`moea registry promote` end to end: the real scorer (vLLM's offline engine, moea eval's metrics) on
+    two real adapter versions; the re-promote afterwards reads the cache and generates nothing."""
+    from moe_adapters.base_model import DEFAULT_BASE_NAME, resolve_base_model
+
+    base = resolve_base_model(None)
+    for seed in (1, 2):
+        run = tmp_path / f"real-{seed}"
+        _real_adapter(base, run / "experts" / "math", seed)
+        tasks = {"math": {"kind": "math", "system_prompt": "Answer with the number only."}}
+        run_json = {"format_version": 1, "base_model": base, "base_model_name": DEFAULT_BASE_NAME, "tasks": tasks}
+        (run / "run.json").write_text(json.dumps(run_json))
+        assert _moea("register", str(run)).exit_code == 0
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("".join(json.dumps(r) + "\n" for r in GOLDEN[1:5]))
+    assert _moea("registry", "attach-eval", "math", str(golden)).exit_code == 0
+
+    first = _moea("registry", "promote", "math@2", "--margin", "1", "--max-new-tokens", "16")
+    assert first.exit_code == 0, first.output
+    assert "eval gate passed on golden set v1" in first.output and "math@prod → math@2" in first.output
+    with Registry() as reg:
+        scores = {s.version: s for s in reg.eval_scores("math")}
+        assert sorted(scores) == [1, 2] and all(s.metric == "final_number_accuracy" and s.n == 4 for s in scores.values())
+        assert [len(s.probes) for s in scores.values()] == [3, 3]
+        assert all(isinstance(p["answer"], str) for s in scores.values() for p in s.probes)
+        assert scores[1].probes[0]["answer"] != scores[2].probes[0]["answer"] or scores[1].probes != scores[2].probes
+        reg.rollback("math")
+
+        def no_generation(*_: Any) -> Any:  # a fake scorer that fails the test: the cache must answer
+            raise AssertionError("the re-promote generated again")
+
+        margin = 0.0
+        expect_pass = scores[2].score >= scores[1].score - margin
+        if expect_pass:
+            _, decision = gated_promote(reg, "math@2", margin=margin, scorer=no_generation)
+            assert decision.passed and decision.candidate.cached  # type: ignore[union-attr]
+        else:
+            with pytest.raises(GateRefused):
+                gated_promote(reg, "math@2", margin=margin, scorer=no_generation)
+    shown = _moea("registry", "show", "math").output
+    assert "@1 final_number_accuracy=" in shown and "@2 final_number_accuracy=" in shown
