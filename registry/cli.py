@@ -135,12 +135,13 @@ def list_command(registry_url: str | None, store_dir: Path | None) -> None:
 @_common
 def show_command(name: str, as_json: bool, registry_url: str | None, store_dir: Path | None) -> None:
     """Every version of NAME: hashes, metrics, aliases, lineage, creation time."""
-    versions = _open(registry_url, store_dir).list_versions(name)
+    reg = _open(registry_url, store_dir)
+    versions = reg.list_versions(name)
     if as_json:
         click.echo(json.dumps([_jsonable(v) for v in versions], indent=1, default=str))
         return
     table = Table(title=name)
-    for column in ("version", "sha256", "aliases", "metrics", "parent", "git", "created", "by", "state"):
+    for column in ("version", "sha256", "aliases", "metrics", "eval", "parent", "git", "created", "by", "state"):
         table.add_column(column)
     for v in versions:
         table.add_row(
@@ -148,6 +149,7 @@ def show_command(name: str, as_json: bool, registry_url: str | None, store_dir: 
             _short(v.sha256),
             ", ".join(v.aliases) or "-",
             _metrics(v.metrics),
+            _eval_score(v.metrics.get("eval_score")),
             str(v.parent_version or "-"),
             (v.git_commit or "-")[:10],
             _when(v.created_at),
@@ -155,12 +157,48 @@ def show_command(name: str, as_json: bool, registry_url: str | None, store_dir: 
             "archived" if v.archived else "live",
         )
     console.print(table)
+    _print_golden(reg, name)
+
+
+def _eval_score(score: Any) -> str:
+    """A version's recorded eval score (`moea register` from eval.json), e.g. `accuracy=0.95 (n=40, test)`."""
+    if not isinstance(score, dict) or not isinstance(score.get("score"), int | float):
+        return "-"
+    return f"{score.get('metric')}={score['score']:.4g} (n={score.get('n')}, {score.get('split', 'test')})"
+
+
+def _print_golden(reg: Any, name: str) -> None:
+    """The expert's golden sets and every version's cached score on each (`moea registry promote`)."""
+    sets, scores = reg.golden_sets(name), reg.eval_scores(name)
+    for golden in sets:
+        on_it = [s for s in scores if s.golden_sha256 == golden.sha256]
+        scored = ", ".join(f"@{s.version} {s.metric}={s.score:.4g}" for s in on_it) or "no version scored yet"
+        newest = " (used by promote)" if golden is sets[-1] else ""
+        console.print(f"golden set v{golden.version}{newest}: {golden.filename}, {golden.rows} rows, "
+                      f"sha256 {_short(golden.sha256)}: {scored}")  # fmt: skip
 
 
 def _jsonable(view: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {**asdict(view), "ref": view.ref}
+
+
+@registry_group.command("attach-eval")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--actor", default=None, help="Who attaches (default user@host).")
+@_common
+def attach_eval_command(
+    name: str, file: Path, actor: str | None, registry_url: str | None, store_dir: Path | None
+) -> None:
+    """Attach FILE (JSONL: prompt/messages + response/reference) to NAME as its golden set.
+
+    Attaching a different file adds the next golden set version; `moea registry promote` scores
+    versions on the newest one (registry/golden.py)."""
+    golden, created = _open(registry_url, store_dir).attach_golden(name, file, actor=actor)
+    state = "attached" if created else "unchanged (same content as the newest golden set)"
+    click.echo(f"{name}: golden set v{golden.version} {state}: {golden.rows} rows, sha256 {golden.sha256}")
 
 
 @registry_group.command("resolve")

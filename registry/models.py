@@ -323,3 +323,44 @@ class RegistryState(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     counter: int = Field(default=0, sa_type=BigInteger, nullable=False)
     updated_at: datetime = _ts()
+
+
+# ---------------------------------------------------------------- revision 0006
+
+
+class GoldenSet(SQLModel, table=True):
+    """A golden set attached to an expert (`moea registry attach-eval`): one JSONL file in the store
+    (artifact of kind ``golden``); attaching again adds the next version, the newest one is used."""
+
+    __tablename__ = "golden_sets"
+    __table_args__ = (Unique("expert_id", "version", name="uq_golden_sets_expert_version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    expert_id: int = Field(foreign_key="experts.id", nullable=False)
+    version: int = Field(sa_type=Integer, nullable=False)
+    artifact_id: int = Field(foreign_key="artifacts.id", nullable=False)
+    sha256: str = Field(sa_type=String(64), nullable=False)
+    """sha256 of the JSONL file's bytes (what `sha256sum FILE` prints)."""
+    rows: int = Field(sa_type=Integer, nullable=False)
+    filename: str = Field(sa_type=String(512), nullable=False)
+    created_at: datetime = _ts()
+    created_by: str | None = Field(default=None, sa_type=String(128), nullable=True)
+
+
+class EvalScore(SQLModel, table=True):
+    """An expert version's score on one golden set (by content hash), computed once and cached; `probes`
+    holds the first rows' messages and greedy answers, which the gateway checks when it loads the version."""
+
+    __tablename__ = "eval_scores"
+    __table_args__ = (
+        Unique("expert_version_id", "golden_sha256", name="uq_eval_scores_version_golden"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    expert_version_id: int = Field(foreign_key="expert_versions.id", nullable=False)
+    golden_sha256: str = Field(sa_type=String(64), nullable=False)
+    metric: str = Field(sa_type=String(64), nullable=False)
+    score: float = Field(sa_type=Float, nullable=False)
+    n: int = Field(sa_type=Integer, nullable=False)
+    probes: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    settings: dict = _json_column()
+    created_at: datetime = _ts()
+    created_by: str | None = Field(default=None, sa_type=String(128), nullable=True)

@@ -76,7 +76,31 @@ def _task_metrics(name: str, metrics: dict[str, Any], evaluation: dict[str, Any]
         else:
             if isinstance(evaluation.get(name), dict):
                 result["eval"] = evaluation[name]
+        headline = eval_headline(result.get("eval"))
+        if headline is not None:
+            result[EVAL_SCORE_KEY] = headline
     return result
+
+
+EVAL_SCORE_KEY = "eval_score"
+"""Key in a version's metrics of its headline score from the run's eval.json (`moea eval`, test split)."""
+
+
+def eval_headline(entry: Any) -> dict[str, Any] | None:
+    """The expert's headline score from its eval.json task entry: system ``oracle`` (the task's own
+    expert), ``{"metric", "score", "n", "system", "split"}``; None when the entry has none."""
+    oracle = ((entry or {}).get("systems") or {}).get("oracle") if isinstance(entry, dict) else None
+    score = oracle.get("score") if isinstance(oracle, dict) else None
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        return None
+    n = entry.get("n", oracle.get("n", 0))  # type: ignore[union-attr]
+    return {
+        "metric": str(oracle.get("metric") or "score"),  # type: ignore[union-attr]
+        "score": float(score),
+        "n": int(n) if isinstance(n, int | float) else 0,
+        "system": "oracle",
+        "split": "test",
+    }
 
 
 def read_run_dir(run_dir: Path | str) -> RunPlan:

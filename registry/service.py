@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import aliases, catalog, db, experiments, maintenance, request_log, routers, transfer
+from . import aliases, catalog, db, experiments, golden, maintenance, request_log, routers, transfer
 from . import archive as archiving
 from . import diff as diffing
 from . import register as registering
@@ -32,9 +32,11 @@ from .transfer import ImportResult
 from .versions import DEFAULT_ALIAS
 from .views import (
     AliasEventView,
+    EvalScoreView,
     ExperimentView,
     ExpertVersionView,
     ExpertView,
+    GoldenSetView,
     OutcomeRecord,
     RatingState,
     RegisterResult,
@@ -113,12 +115,54 @@ class Registry:
         """A complete, verified folder with router.json + head.safetensors."""
         return materialize_artifact(self.engine, self.store, self._trees, view.sha256, view.ref)
 
+    # ------------------------------------------------------------------------------ golden sets / eval scores
+
+    def attach_golden(
+        self, name: str, path: Path | str, actor: str | None = None
+    ) -> tuple[GoldenSetView, bool]:
+        """Attach a JSONL golden set to `name` (the next golden set version; same content as the newest:
+        nothing new, created False)."""
+        return golden.attach_golden(self.engine, self.store, name, path, actor)
+
+    def golden_sets(self, name: str) -> list[GoldenSetView]:
+        """Every golden set of `name`, oldest first; the last one is the expert's eval."""
+        return golden.golden_sets(self.engine, name)
+
+    def current_golden(self, name: str) -> GoldenSetView | None:
+        """The newest golden set of `name`, None when none is attached."""
+        sets = golden.golden_sets(self.engine, name)
+        return sets[-1] if sets else None
+
+    def golden_rows(self, golden_set: GoldenSetView) -> list[dict[str, Any]]:
+        """The rows of a golden set (``messages``, ``reference``, ``extra``), hash-checked."""
+        return golden.golden_rows(self.store, golden_set)
+
+    def eval_score(self, name: str, version: int, golden_sha256: str) -> EvalScoreView | None:
+        """The cached score of `name@version` on the golden set with this hash, if any."""
+        return golden.eval_score(self.engine, name, version, golden_sha256)
+
+    def record_eval_score(
+        self, name: str, version: int, golden_sha256: str, result: dict[str, Any], actor: str | None = None
+    ) -> EvalScoreView:
+        """Cache a golden-set score (metric, score, n, probes, settings); an existing one is kept."""
+        return golden.record_eval_score(self.engine, name, version, golden_sha256, result, actor)
+
+    def eval_scores(self, name: str) -> list[EvalScoreView]:
+        """Every cached golden-set score of `name`'s versions, oldest first."""
+        return golden.eval_scores(self.engine, name)
+
+    def golden_probes(self, name: str, version: int) -> EvalScoreView | None:
+        """The recorded greedy answers the gateway checks when loading `name@version` (None: none)."""
+        return golden.golden_probes(self.engine, name, version)
+
     # ------------------------------------------------------------------------------ aliases / archive
 
     def promote(
         self, ref: str, alias: str = DEFAULT_ALIAS, actor: str | None = None, reason: str = ""
     ) -> ExpertVersionView:
-        """Point `alias` of the expert at the version `ref` names (recorded in the alias history)."""
+        """Point `alias` of the expert at the version `ref` names (recorded in the alias history).
+
+        Not gated: the eval gate is `moea registry promote` (moe_adapters/eval_gate.py), which calls this."""
         return aliases.promote(self.engine, ref, alias, actor, reason)
 
     def rollback(

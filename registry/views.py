@@ -201,3 +201,37 @@ def rating_accepted(current: tuple[str | None] | None, key_name: str | None, ove
     None), when it comes from the key that gave the standing one (`current == (key_name,)`: an update)
     or when it may override (an admin key)."""
     return current is None or override or current == (key_name,)
+
+
+@dataclass(frozen=True)
+class GoldenSetView:
+    """A golden set attached to an expert (`moea registry attach-eval`)."""
+
+    name: str
+    version: int
+    sha256: str
+    """sha256 of the JSONL file (the cache key of eval scores)."""
+    rows: int
+    filename: str
+    created_at: datetime
+    created_by: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name} golden v{self.version} ({self.sha256[:12]}…)"
+
+
+@dataclass(frozen=True)
+class EvalScoreView:
+    """An expert version's cached score on a golden set, with the probes the gateway checks on load."""
+
+    name: str
+    version: int
+    golden_sha256: str
+    metric: str
+    score: float
+    n: int
+    probes: list[dict[str, Any]]
+    """The first rows: ``{"messages": [...], "answer": str, "max_tokens": int}`` (greedy answers)."""
+    settings: dict[str, Any]
+    created_at: datetime

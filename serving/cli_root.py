@@ -14,6 +14,7 @@ import click
 
 from moe_adapters.cli import base_group, train
 from moe_adapters.eval_cli import eval_command
+from moe_adapters.gate_cli import gated_promote_command
 from registry.cli import register_command, registry_group
 from registry.errors import user_facing_errors
 from serving.ab.cli import ab_group
@@ -27,11 +28,20 @@ def moea() -> None:
     """Train LoRA experts per task, route between them, register and serve them."""
 
 
+# The registry cannot run models, so its own `promote` is ungated; the gated one (it evaluates with
+# moe_adapters) takes its place in `moea registry` here, at the top where both layers are visible. A copy
+# of the group, so registry.cli's own group (`python -m registry.cli`) stays as it is.
+registry_commands = click.Group(
+    registry_group.name,
+    commands={**registry_group.commands, "promote": gated_promote_command},
+    help=registry_group.help,
+)
+
 for _command in (
     base_group,
     train,
     register_command,
-    registry_group,
+    registry_commands,
     serve_command,
     ab_group,
     eval_command,

@@ -12,11 +12,10 @@ Request path (one JSON parse, no blocking call on the event loop)::
       → forward with the shared pooled httpx client (streams pass through event by event)
       → headers x-moea-expert / x-moea-experiment, JSON field "moea", metrics, request log record
 
-Registry state is held in memory (:class:`ServingState`) and rebuilt in a thread by a watcher task
-whenever ``registry.state_token()`` changes. A new state is applied as a whole (serving/state_swap.py):
-every adapter it needs is loaded into every engine while the old state keeps serving, then the snapshot
-is swapped in one assignment, so a request sees the old state or the new one, never a mix, and never a
-missing adapter; the old adapters are unloaded once no request holds them.
+Registry state is held in memory (:class:`ServingState`), rebuilt in a thread by a watcher task when
+``registry.state_token()`` changes, and applied as a whole (serving/state_swap.py): every adapter it needs
+is loaded into every engine (and answers its golden prompts, serving/golden_check.py) while the old state
+serves, then the snapshot is swapped in one assignment: a request sees the old state or the new one.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from .engine import EnginePool
 from .errors import APIError, unavailable_error, validation_error
 from .feedback import FeedbackBook
 from .forwarding import Exchange, Forwarder
+from .golden_check import GoldenChecker, GoldenCheckFailed
 from .lora_slots import LoraSlotError, growth_warning, lora_needs, shortfalls
 from .metrics import GatewayMetrics
 from .router_runtime import RouterRuntime
@@ -99,6 +99,7 @@ class Gateway:
         self.base_lora = BaseLoraGuard(config.base_lora_guard)
         self._slot_warning: str | None = None
         self._required: dict[str, str] = {}
+        self.golden = GoldenChecker(registry, pool, self.metrics)
         self.last_change: StateChange | None = None
         """The last registry state change applied (delays also in the moea_state_apply_seconds metric)."""
 
@@ -115,6 +116,7 @@ class Gateway:
         except BaseException:
             await self.pool.close()
             raise
+        await self.golden.at_start(state)
         self.state = state
         if self.request_log is not None:
             self.request_log.start()
@@ -151,12 +153,14 @@ class Gateway:
                 log.exception("registry refresh failed; still serving the previous state")
 
     async def refresh(self, noticed: float | None = None) -> None:
-        """Apply the registry's current state as a whole (serving/state_swap.py): load every adapter it
-        needs into every engine, and its router, while the old state serves; then swap the snapshot."""
+        """Apply the registry's current state as a whole (serving/state_swap.py; module docstring)."""
         async with self._refresh_lock:
             noticed = time.monotonic() if noticed is None else noticed
-            old = self.state
-            state, reads = await catch_up(self.registry, self._prepare)
+            old, before = self.state, dict(self.pool.required)
+            try:
+                state, reads = await catch_up(self.registry, self._prepare)
+            except GoldenCheckFailed as error:  # a new version answered wrong: keep serving `old`
+                return await self.golden.hold_back(before, error)
             if old is not None and state.token == old.token:
                 return
             await self.router.swap(self.registry, state.router, state.experts.keys(), strict=False)
@@ -167,14 +171,15 @@ class Gateway:
 
     async def _prepare(self, state: ServingState) -> None:
         """Load `state`'s adapters into every engine, keeping the served state's ones required meanwhile."""
+        self.golden.refuse_known(state)  # before loading: a version that failed its golden check stays out
         self._required = await self.base_lora.with_identity(state.required)
         await self._warn_if_slots_short(self._required)
         await self.pool.set_required({**self.pool.required, **self._required})
+        await self.golden.check(state)  # loaded everywhere: it answers its golden prompts before the swap
 
     # ---- LoRA slots and the base-LoRA guard (serving/base_lora.py says why) ----------------------
     async def _warn_if_slots_short(self, required: dict[str, str]) -> None:
-        """Log once per change when the adapters to serve outgrow the running engines' LoRA flags
-        (`moea serve` sized them for the registry at start; experts registered since may not fit)."""
+        """Log once per change when the adapters to serve outgrow the engines' LoRA flags (sized at start)."""
         settings = self.pool.settings
         try:
             needs = await asyncio.to_thread(lora_needs, required)

@@ -109,6 +109,18 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.golden_checks = Counter(
+            "moea_golden_checks",
+            "Golden-prompt checks of newly loaded adapters by outcome (passed, failed, skipped: no recorded answers).",
+            ["outcome"],
+            registry=r,
+        )
+        self.golden_failed = Gauge(
+            "moea_golden_check_failed",
+            "1 when an adapter failed its golden-prompt check: it holds back a registry state, or (checked at start) serves anyway.",
+            ["adapter"],
+            registry=r,
+        )
         self.treatment_share = Gauge(
             "moea_experiment_treatment_share",
             "Percent of an experiment's traffic sent to its treatment arms (follows the ramp; 0 once stopped).",

@@ -6,7 +6,8 @@ needs into every engine while requests keep resolving against the old snapshot. 
 (vLLM loads adapters one after the other: ~3 s each on CPU), and people change the registry in steps
 (register, promote, start an experiment), so when the registry moved on while the adapters were
 loading, the newer state is read and prepared too (only its extra adapters load) instead of publishing
-a state that is already outdated. The gateway then replaces its snapshot with one assignment: a request
+a state that is already outdated. Once loaded, a newly required version with recorded golden answers
+must answer its golden prompts (serving/golden_check.py), else the state is held back. The gateway then replaces its snapshot with one assignment: a request
 resolves against the old state or the new one, never a mix. :class:`StateChange` records how long that
 took (watcher noticed the change → snapshot swapped); it is logged and observed in the
 ``moea_state_apply_seconds`` histogram.
