@@ -1,0 +1,154 @@
+"""`kill -9` of a real `moea serve` process mid-traffic: every answered request ends up in the request log
+exactly once, once a new gateway runs on the same registry and spool.
+
+The gateway is the real one (`python -m serving.cli_root serve` in its own process group, real SQLite
+registry, real spool, the real `openai` client). The engine behind it is a FAKE vLLM (a tiny FastAPI app
+in this process, not vLLM) that answers every chat request with a fresh id, as vLLM does; what is under
+test is the gateway's request log, not generation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from registry.local import free_port
+from registry.service import Registry
+
+from .conftest import GatewayThread
+from .registry_fixtures import make_run_dir
+
+BASE = "SmolLM2-135M-Instruct"  # the base_model_name make_run_dir writes
+
+
+def fake_vllm() -> FastAPI:
+    """A FAKE vLLM: health, models, runtime LoRA load/unload, chat completions with a unique id each."""
+    app = FastAPI()
+    loaded: dict[str, str] = {}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        cards = [{"id": BASE, "root": BASE, "parent": None}]
+        return {"data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in loaded.items()]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request) -> str:
+        body = await request.json()
+        loaded[body["lora_name"]] = body["lora_path"]
+        return "Success"
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request) -> str:
+        loaded.pop((await request.json())["lora_name"], None)
+        return "Success"
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        model = (await request.json())["model"]
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    return app
+
+
+def start_gateway(engine_url: str, registry_url: str, store: Path, spool: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`moea serve` against the fake engine, in its own process group; returns it and its URL once ready."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "serving.cli_root", "serve", "--engine-url", engine_url,
+        "--registry-url", registry_url, "--store-dir", str(store), "--spool-dir", str(spool),
+        "--port", str(port), "--no-base-lora-guard", "--no-router-compile", "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moea serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise RuntimeError(f"moea serve was not ready: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def engine() -> Iterator[str]:
+    thread = GatewayThread(fake_vllm())
+    try:
+        yield thread.url
+    finally:
+        thread.stop()
+
+
+def test_kill_9_of_the_gateway_loses_no_answered_request(engine: str, tmp_path: Path) -> None:
+    registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(registry_url, tmp_path / "store")
+    registry.register_run(make_run_dir(tmp_path, ["summarize"], 1))
+    spool, log = tmp_path / "spool", tmp_path / "gateway.log"
+    first, url = start_gateway(engine, registry_url, tmp_path / "store", spool, log)
+    answered: list[str] = []
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for index in range(300):
+            response = client.chat.completions.create(
+                model="summarize", messages=[{"role": "user", "content": f"hi {index}"}], user=f"u{index}"
+            )
+            answered.append(response.id)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no lifespan, no flush: what was answered must be in the spool
+        first.wait()
+    logged_at_kill = {r.request_id for r in _logged(registry, answered)}
+
+    second, _ = start_gateway(engine, registry_url, tmp_path / "store", spool, log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len({r.request_id for r in _logged(registry, answered)}) < len(answered):
+            time.sleep(0.5)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    rows = _logged(registry, answered)
+    ids = [row.request_id for row in rows]
+    assert sorted(ids) == sorted(answered), f"{len(set(ids))} of {len(answered)} answered requests logged"
+    assert len(ids) == len(set(ids)), "a request was logged twice"
+    print(f"logged when killed: {len(logged_at_kill)} of {len(answered)}; after the restart: {len(ids)}")
+    registry.close()
+
+
+def _logged(registry: Registry, request_ids: list[str]) -> list[Any]:
+    """The request-log rows (not shadow copies) of the given ids, read with plain SQL."""
+    import sqlalchemy as sa
+
+    wanted = set(request_ids)
+    with registry.engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT request_id FROM requests WHERE shadow = 0")).all()
+    return [row for row in rows if row.request_id in wanted]
