@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,58 +21,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from registry.local import free_port
 from registry.service import Registry
 
 from .conftest import GatewayThread
+from .fake_vllm import fake_vllm
 from .registry_fixtures import make_run_dir
 
 BASE = "SmolLM2-135M-Instruct"  # the base_model_name make_run_dir writes
-
-
-def fake_vllm() -> FastAPI:
-    """A FAKE vLLM: health, models, runtime LoRA load/unload, chat completions with a unique id each."""
-    app = FastAPI()
-    loaded: dict[str, str] = {}
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        cards = [{"id": BASE, "root": BASE, "parent": None}]
-        return {"data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in loaded.items()]}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load(request: Request) -> str:
-        body = await request.json()
-        loaded[body["lora_name"]] = body["lora_path"]
-        return "Success"
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload(request: Request) -> str:
-        loaded.pop((await request.json())["lora_name"], None)
-        return "Success"
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
-        model = (await request.json())["model"]
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": 0,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-            }
-        )
-
-    return app
 
 
 def start_gateway(engine_url: str, registry_url: str, store: Path, spool: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -102,7 +58,7 @@ def start_gateway(engine_url: str, registry_url: str, store: Path, spool: Path, 
 
 @pytest.fixture
 def engine() -> Iterator[str]:
-    thread = GatewayThread(fake_vllm())
+    thread = GatewayThread(fake_vllm(BASE))
     try:
         yield thread.url
     finally:

@@ -8,67 +8,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.service import Registry
 
 from .conftest import GatewayThread
+from .fake_vllm import fake_vllm
 from .registry_fixtures import make_run_dir
 
 BASE = "fake-base"
 FAILING = "summarize@2"
-
-
-def fake_vllm() -> FastAPI:
-    """A fake vLLM: /health, /v1/models, runtime LoRA load/unload, chat completions (500 for FAILING)."""
-    app = FastAPI()
-    loaded: dict[str, str] = {}
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        cards = [{"id": BASE, "root": BASE, "parent": None}]
-        return {"data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in loaded.items()]}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load(request: Request) -> str:
-        body = await request.json()
-        loaded[body["lora_name"]] = body["lora_path"]
-        return "Success"
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload(request: Request) -> str:
-        loaded.pop((await request.json())["lora_name"], None)
-        return "Success"
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
-        model = (await request.json())["model"]
-        if model == FAILING:
-            return JSONResponse({"object": "error", "message": "boom", "type": "InternalServerError"}, 500)
-        message = {"role": "assistant", "content": f"hello from {model}"}
-        return JSONResponse(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": 0,
-                "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
-            }
-        )
-
-    return app
 
 
 @pytest.fixture
@@ -85,7 +38,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
     for seed in (1, 2):
         registry.register_run(make_run_dir(tmp_path, ["summarize"], seed))
     registry.promote("summarize@1")
-    engine = GatewayThread(fake_vllm())
+    engine = GatewayThread(fake_vllm(BASE, frozenset({FAILING})))
     metrics = GatewayMetrics()
     gateway = Gateway(
         GatewayConfig(base_name=BASE, poll_interval_s=0.2, base_lora_guard=False),
