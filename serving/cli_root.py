@@ -1,7 +1,7 @@
 """The `moea` command line root: the one module that composes every package's commands.
 
 It sits above every package (registry <- moe_adapters <- serving <- this module): each package owns
-its own command file (`moe_adapters/cli.py`, `moe_adapters/eval_cli.py`, `registry/cli.py`,
+its own command file (`moe_adapters/cli.py`, `moe_adapters/eval_cli.py`, `moe_adapters/export_cli.py`, `registry/cli.py`,
 `serving/cli.py`, `serving/ab/cli.py`, `serving/demo.py`) and this module only mounts them. Console
 entry point `moea`; also `python -m serving.cli_root`.
 """
@@ -14,6 +14,7 @@ import click
 
 from moe_adapters.cli import base_group, train
 from moe_adapters.eval_cli import eval_command
+from moe_adapters.export_cli import export_command
 from moe_adapters.gate_cli import gated_promote_command
 from registry.cli import register_command, registry_group
 from registry.errors import user_facing_errors
@@ -45,6 +46,7 @@ for _command in (
     serve_command,
     ab_group,
     eval_command,
+    export_command,
     demo_command,
 ):
     moea.add_command(_command)
