@@ -150,6 +150,11 @@ def model_card(view: ExpertVersionView, *, fmt: str, base_model: str, dtype: str
     return "\n".join(lines)
 
 
+def _refuse_taken(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not an empty folder: choose a new --out")
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A temporary sibling folder of ``out`` renamed onto it when the block succeeds (removed otherwise).
@@ -157,8 +162,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     Refuses an ``out`` that exists and is not an empty folder, before anything is written.
     """
     out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not an empty folder: choose a new --out")
+    _refuse_taken(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -192,9 +196,15 @@ def _listing(folder: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
 
 
+def _version(registry: Any, ref: str) -> ExpertVersionView:
+    """The version ``ref`` names, with its file list (``resolve`` leaves the files out)."""
+    view = registry.resolve(ref)
+    return registry.get_version(view.name, view.version)
+
+
 def export_peft(registry: Any, ref: str, out: Path | str) -> ExportResult:
     """Write the adapter of ``ref`` (``name@version|alias``) as a plain PEFT folder + README.md + moea.json."""
-    view = registry.resolve(ref)
+    view = _version(registry, ref)
     source = registry.artifact_path(view)
     out = Path(out).expanduser().absolute()
     with staged_output(out) as staging:
@@ -227,12 +237,11 @@ def export_merged(registry: Any, ref: str, out: Path | str, *, base_model: str |
     """
     from .base_model import resolve_base_model
 
-    view = registry.resolve(ref)
+    out = Path(out).expanduser().absolute()
+    _refuse_taken(out)  # before the slow base resolution and merge
+    view = _version(registry, ref)
     adapter_dir = registry.artifact_path(view)
     resolved = resolve_base_model(base_model or view.base_model)
-    out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # refuse before the slow merge
-        raise ExportError(f"{out} already exists and is not an empty folder: choose a new --out")
     merged, tokenizer = merge_adapter(resolved, adapter_dir)
     dtype = str(merged.dtype).removeprefix("torch.")
     with staged_output(out) as staging:
