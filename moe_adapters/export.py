@@ -245,7 +245,7 @@ def export_merged(registry: Any, ref: str, out: Path | str, *, base_model: str |
     merged, tokenizer = merge_adapter(resolved, adapter_dir)
     dtype = str(merged.dtype).removeprefix("torch.")
     with staged_output(out) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
+        merged.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
         _write_metadata(staging, view, fmt="merged", base_model=resolved, dtype=dtype)
         files = _listing(staging)
