@@ -102,3 +102,18 @@ def test_staged_output_leaves_nothing_when_the_write_fails(tmp_path: Path) -> No
     file_out.write_text("x")
     with pytest.raises(ExportError, match="not an empty folder"), staged_output(file_out):
         pass
+
+
+def test_merged_card_names_the_dtype_and_prompt_rules(registry: Registry) -> None:
+    from dataclasses import replace
+
+    from moe_adapters.export import model_card
+
+    view = registry.get_version("summarize", 1)
+    card = model_card(view, fmt="merged", base_model="/base", dtype="bfloat16")
+    assert "bfloat16 (the base model's own dtype)" in card and "library_name: transformers" in card
+    assert "no moea gateway" in card and "not baked into the chat template" in card
+    prepend = replace(view, config={"task": {"prompt_policy": "prepend"}})
+    assert "Always send it first" in model_card(prepend, fmt="merged", base_model="/base")
+    bare = replace(view, system_prompt=None)
+    assert "no system prompt of its own" in model_card(bare, fmt="peft", base_model="/base")
