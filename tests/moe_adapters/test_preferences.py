@@ -20,7 +20,9 @@ def _write(path, lines):
 
 def test_round_trip_keeps_messages_answers_and_metadata(tmp_path):
     pairs = [
-        PreferencePair((("user", "Classify: great"),), "positive", "Sounds positive!", {"expert": "sentiment"}),
+        PreferencePair(
+            (("user", "Classify: great"),), "positive", "Sounds positive!", {"expert": "sentiment"}
+        ),
         PreferencePair((("system", "Be brief."), ("user", "2+2?")), "4", "The answer is four.", {}),
     ]
     digest = write_preferences(tmp_path / "p.jsonl", pairs)
@@ -30,21 +32,28 @@ def test_round_trip_keeps_messages_answers_and_metadata(tmp_path):
     assert back[0].meta == {"expert": "sentiment"}
     assert back[1].prompt == "2+2?"
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
-    assert first == {"prompt": "Classify: great", "chosen": "positive", "rejected": "Sounds positive!",
-                     "expert": "sentiment"}
+    assert first == {
+        "prompt": "Classify: great",
+        "chosen": "positive",
+        "rejected": "Sounds positive!",
+        "expert": "sentiment",
+    }
 
 
 def test_every_bad_line_is_reported_with_its_number(tmp_path):
-    path = _write(tmp_path / "bad.jsonl", [
-        {"prompt": "ok", "chosen": "a", "rejected": "b"},
-        "{not json",
-        "",
-        {"prompt": "p", "messages": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"},
-        {"prompt": "p", "chosen": "same", "rejected": "same"},
-        {"prompt": "p", "chosen": "", "rejected": "b"},
-        {"messages": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"},
-        ["a list"],
-    ])
+    path = _write(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "ok", "chosen": "a", "rejected": "b"},
+            "{not json",
+            "",
+            {"prompt": "p", "messages": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "", "rejected": "b"},
+            {"messages": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"},
+            ["a list"],
+        ],
+    )
     with pytest.raises(PreferenceFileError) as err:
         read_preferences(path)
     problems = err.value.problems
