@@ -190,6 +190,7 @@ class Forwarder:
         maybe dropped)."""
         pending = b""
         first: bytes | None = b'data: {"moea":' + _moea_json(ex.target)
+        delivered = False  # the client has the whole answer (`data: [DONE]`)
         try:
             async for chunk in response.aiter_raw():
                 pending += chunk
@@ -205,12 +206,16 @@ class Forwarder:
                     events, first = first + b"," + events[len(b"data: {") :], None
                 if events:
                     yield events
+                    delivered = b"data: [DONE]" in events  # sent: the client asked for more
             if pending:
                 yield pending
         except httpx.HTTPError:
             ex.status = 503  # engine died mid-stream: the client sees a truncated stream
         except asyncio.CancelledError:
-            ex.status = 499  # client went away
+            # the client went away; once it has read `[DONE]` it may close before the engine's EOF reaches
+            # us (the openai client does): the answer was delivered, so it stays a 200
+            if not delivered:
+                ex.status = 499
             raise
         finally:
             await response.aclose()
