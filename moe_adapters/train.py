@@ -45,6 +45,7 @@ from moe_adapters.train_outputs import finalize_run
 from moe_adapters.train_state import Trainer, TrainError, build_trainer
 
 
+# The run's phases in order, each one call; splitting the sequence would hide the order that matters.
 def train_mixture(
     mixture_path: Path,
     out_dir: Path,
@@ -81,8 +82,7 @@ def train_mixture(
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
     tokenizer = _load_tokenizer(base_path)
     data = load_mixture_data(config, tokenizer, single_adapter=single_adapter)
-    if parallel.is_main:
-        report_long_rows(data, config.train.long_rows)
+    report_long_rows(data, config.train.long_rows, quiet=not parallel.is_main)
     expert_tasks = [t.name for t in config.expert_tasks]
     probabilities = temperature_probabilities(
         {t: data.sizes()[t] for t in expert_tasks}, config.sampling.temperature, config.sampling.cap
@@ -106,11 +106,12 @@ def train_mixture(
     run_training(trainer, out_dir, mixture_sha, progress=progress)
     if os.environ.get(TEST_DIGEST_ENV):
         write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
-    if not parallel.is_main:
-        return out_dir
-    trainer.parallel = Parallel()  # rank 0 finishes alone (end-of-run evals, router): no collectives
-    finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
-    checkpoint.unlink(missing_ok=True)
+    if parallel.is_main:
+        trainer.parallel = Parallel()  # rank 0 finishes alone (end-of-run evals, router): no collectives
+        finalize_run(
+            trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start
+        )
+        checkpoint.unlink(missing_ok=True)
     return out_dir
 
 
@@ -159,11 +160,12 @@ def drop_recipes_for_single_adapter(config: MixtureConfig, single_adapter: bool)
         tr.shared_steps, tr.keep_if_better = 0, False
 
 
-def report_long_rows(data: MixtureData, policy: str) -> None:
-    """One line per task whose rows over train.max_length were skipped or truncated (train.long_rows)."""
+def report_long_rows(data: MixtureData, policy: str, quiet: bool = False) -> None:
+    """One line per task whose rows over train.max_length were skipped or truncated (train.long_rows);
+    nothing when ``quiet`` (ranks other than 0 of a data-parallel run)."""
     for name, task in data.tasks.items():
         done = {k: v for k, v in task.long_rows.items() if v}
-        if done:
+        if done and not quiet:
             what = ", ".join(f"{v} {k}" for k, v in done.items())
             print(
                 f"task {name}: rows over train.max_length: {what} (train.long_rows: {policy})",
