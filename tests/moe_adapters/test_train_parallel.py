@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -117,11 +118,12 @@ def test_qlora_4bit_trains_on_cpu(tmp_path: Path) -> None:
         assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), f"{task} did not train"
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_cpu_ranks_end_equal(tmp_path: Path) -> None:
-    max_steps = 8
-    out, digests = tmp_path / "run", tmp_path / "digests"
-    command = [
+MAX_STEPS = 8
+
+
+def _launch_command(out: Path, port: int) -> list[str]:
+    """`moea train` on 2 CPU ranks through accelerate (checkpoint at step 4 of 8)."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -137,7 +139,7 @@ def test_accelerate_launch_two_cpu_ranks_end_equal(tmp_path: Path) -> None:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(port),
         "-m",
         "serving.cli_root",
         "train",
@@ -147,36 +149,89 @@ def test_accelerate_launch_two_cpu_ranks_end_equal(tmp_path: Path) -> None:
         "--set",
         "train.num_threads=1",
         "--set",
-        f"train.max_steps={max_steps}",
+        f"train.max_steps={MAX_STEPS}",
         "--set",
         "train.eval_every=2",
         "--set",
         "train.checkpoint_every=4",
     ]
-    env = {
+
+
+def _launch_env(digests: Path) -> dict[str, str]:
+    return {
         **os.environ,
         TEST_DIGEST_ENV: str(digests),
         "ACCELERATE_USE_CPU": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+
+
+def _rank_digests(digests: Path) -> list[dict]:
+    return [json.loads((digests / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _kill_run(out: Path) -> None:
+    """SIGKILL the launcher and both ranks of the run writing ``out`` (torchrun starts each rank in a
+    session of its own, so a process-group kill would miss them): the processes this test started."""
+    marker = str(out).encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(tmp_path: Path) -> None:
+    out, digests = tmp_path / "run", tmp_path / "digests"
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    result = subprocess.run(
+        _launch_command(out, _free_port()),
+        env=_launch_env(digests),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO_ROOT,
+    )
     wall_s = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-4000:]
-    print(f"DDP 2 CPU ranks, {max_steps} steps: {wall_s:.1f} s wall")
+    print(f"DDP 2 CPU ranks, {MAX_STEPS} steps: {wall_s:.1f} s wall")
 
-    ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _rank_digests(digests)
     assert ranks[0] == ranks[1], "the ranks ended with different adapters or step counts"
-    assert ranks[0]["world_size"] == 2 and ranks[0]["global_step"] == max_steps
+    assert ranks[0]["world_size"] == 2 and ranks[0]["global_step"] == MAX_STEPS
     metrics = json.loads((out / "metrics.json").read_text())
-    assert sum(e["steps"] for e in metrics["experts"].values()) == max_steps
-    assert metrics["train"]["steps"] == max_steps
+    assert sum(e["steps"] for e in metrics["experts"].values()) == MAX_STEPS
+    assert metrics["train"]["steps"] == MAX_STEPS
     for name, expert in ranks[0]["experts"].items():
         saved = load_file(out / "experts" / name / "adapter_model.safetensors")
         assert adapter_digest(saved) == expert["sha256"], f"rank 0 saved other weights for {name}"
         assert metrics["experts"][name]["steps"] == expert["steps"]
     assert (out / "run.json").is_file() and not (out / "checkpoint.pt").exists()
+
+    # Killed after the step-4 checkpoint and resumed: the same adapters, bit for bit.
+    killed, killed_digests = tmp_path / "killed", tmp_path / "killed-digests"
+    command, env = _launch_command(killed, _free_port()), _launch_env(killed_digests)
+    proc = subprocess.Popen(
+        command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, "the launch exited before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.05)
+    finally:
+        _kill_run(killed)
+        proc.wait()
+    assert not (killed / "run.json").exists() and not killed_digests.exists()
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _rank_digests(killed_digests) == ranks
 
 
 def test_parallel_defaults_are_one_process() -> None:
