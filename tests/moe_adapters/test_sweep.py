@@ -164,3 +164,15 @@ def test_sweep_run_dir_holds_winners_and_registers(tmp_path: Path, registry_url:
     )
     assert registered.exit_code == 0, registered.output
     assert "sentiment" in registered.output and "arithmetic" in registered.output
+
+
+def test_sweep_refuses_single_adapter_and_resume(tmp_path: Path) -> None:
+    from serving.cli_root import moea
+
+    sweep = _sweep(tmp_path, "method: grid\nparams: {lr: [1.0e-4]}\n")
+    for flag in ("--single-adapter", "--resume"):
+        result = CliRunner().invoke(
+            moea, ["train", str(MIXTURE), "--sweep", str(sweep), "--out", str(tmp_path / "run"), flag]
+        )
+        assert result.exit_code == 2 and "--sweep trains experts and continues by itself" in result.output
+    assert not (tmp_path / "run").exists()

@@ -236,3 +236,12 @@ def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(tmp_path: 
 
 def test_parallel_defaults_are_one_process() -> None:
     assert Parallel().world_size == 1 and Parallel().is_main
+
+
+def test_unknown_quantize_value_is_a_config_error() -> None:
+    from moe_adapters.config import ConfigError
+    from moe_adapters.config_load import load_mixture
+
+    with pytest.raises(ConfigError, match=r"train.quantize: '8bit' is not one of \['none', '4bit'\]"):
+        load_mixture(MIXTURE, {"train.quantize": "8bit"})
+    assert load_mixture(MIXTURE).train.quantize == "none"
