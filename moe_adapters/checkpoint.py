@@ -46,10 +46,16 @@ def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
 
 
 def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
-    """Write every piece of training state to ``path`` atomically (temp file + rename)."""
+    """Write every piece of training state to ``path`` atomically (temp file + rename).
+
+    In a data-parallel run every rank calls this (each rank's RNG state is gathered: dropout draws differ
+    per rank) and rank 0 alone writes; the rest of the state is the same on every rank."""
     from peft import get_peft_model_state_dict
 
     flush_losses(trainer)
+    rng_states = trainer.parallel.gather_objects(torch.get_rng_state())
+    if not trainer.parallel.is_main:
+        return
     state = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "mixture_sha256": mixture_sha,
@@ -59,7 +65,9 @@ def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
         "batchers": {t: b.state_dict() for t, b in trainer.batchers.items()},
         "replay_batcher": trainer.replay_batcher.state_dict() if trainer.replay_batcher else None,
         "shared_done": trainer.shared_done,
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": rng_states[0],
+        "world_size": trainer.parallel.world_size,
+        "torch_rng_per_rank": rng_states,
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "experts": {
             name: {
@@ -112,7 +120,13 @@ def load_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
         trainer.batchers[task].load_state_dict(batcher_state)
     if trainer.replay_batcher is not None and state["replay_batcher"] is not None:
         trainer.replay_batcher.load_state_dict(state["replay_batcher"])
-    torch.set_rng_state(state["torch_rng"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != trainer.parallel.world_size:
+        raise TrainError(
+            f"the checkpoint was written by {saved_world} process(es), this run has "
+            f"{trainer.parallel.world_size}: resume with the same number of processes (the batches depend on it)"
+        )
+    torch.set_rng_state(state.get("torch_rng_per_rank", [state["torch_rng"]])[trainer.parallel.rank])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     trainer.global_step = state["global_step"]

@@ -81,12 +81,38 @@ def base_prepare(base_spec: str | None) -> None:
     metavar="KEY=VALUE",
     help="Override a mixture setting, e.g. --set train.max_steps=50 (repeatable).",
 )
+@click.option(
+    "--sweep",
+    "sweep_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Hyper-parameter search per expert (sweep YAML: method grid|random, params lr / r / steps): every "
+    "expert's trials train alone with early stopping, the lowest validation loss wins; --out gets the "
+    "winners in experts/ plus sweep.json, sweep.md and sweep.png. Rerun with the same --out to continue.",
+)
 def train(
-    mixture: Path, out_dir: Path, resume: bool, single_adapter: bool, budget: str, overrides: tuple[str, ...]
+    mixture: Path,
+    out_dir: Path,
+    resume: bool,
+    single_adapter: bool,
+    budget: str,
+    overrides: tuple[str, ...],
+    sweep_path: Path | None,
 ) -> None:
     """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir."""
     from .train import train_mixture
 
+    if sweep_path is not None:
+        if single_adapter or resume:
+            raise click.UsageError(
+                "--sweep trains experts and continues by itself: drop --single-adapter/--resume"
+            )
+        from .sweep_run import sweep_mixture
+
+        click.echo(
+            f"run dir: {sweep_mixture(mixture, sweep_path, out_dir, overrides=_parse_overrides(overrides))}"
+        )
+        return
     run_dir = train_mixture(
         mixture,
         out_dir,
