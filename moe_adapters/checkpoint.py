@@ -3,6 +3,8 @@ state written atomically and restored so that ``resume=True`` continues bit-for-
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import sys
 import tempfile
@@ -11,7 +13,8 @@ from typing import Any
 
 import torch
 
-from moe_adapters.config import SHARED_ADAPTER
+from moe_adapters.config import SHARED_ADAPTER, MixtureConfig
+from moe_adapters.config_load import mixture_yaml
 from moe_adapters.run_dir import CHECKPOINT_NAME, RUN_MARKER, RunDirState, run_dir_state
 from moe_adapters.shared_phase import set_phase
 from moe_adapters.train_state import Trainer, TrainError
@@ -45,7 +48,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
     return state
 
 
-def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
+def save_checkpoint(trainer: Trainer, path: Path, identity: str) -> None:
     """Write every piece of training state to ``path`` atomically (temp file + rename).
 
     In a data-parallel run every rank calls this (each rank's RNG state is gathered: dropout draws differ
@@ -58,7 +61,7 @@ def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
         return
     state = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "mixture_sha256": mixture_sha,
+        "resume_sha256": identity,
         "global_step": trainer.global_step,
         "train_time_s": trainer.train_time_s,
         "sampler": trainer.sampler.state_dict(),
@@ -92,10 +95,22 @@ def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
             os.unlink(tmp)
 
 
-def read_checkpoint(path: Path, mixture_sha: str) -> dict[str, Any]:
-    """Load ``path``; refuse a checkpoint written for other settings (resuming it would not be exact)."""
+def resume_identity(config: MixtureConfig, probabilities: dict[str, float], single_adapter: bool) -> str:
+    """What a checkpoint must match to be resumed: the resolved mixture without the settings that do not
+    change what is trained (``train.num_threads``: a run may resume on a machine with other cores)."""
+    portable = copy.deepcopy(config)
+    portable.train.num_threads = None
+    text = mixture_yaml(portable, probabilities)
+    return hashlib.sha256(text.encode() + str(single_adapter).encode()).hexdigest()
+
+
+def read_checkpoint(path: Path, identity: str) -> dict[str, Any]:
+    """Load ``path``; refuse a checkpoint written for other settings (resuming it would not be exact).
+
+    ``identity`` is :func:`resume_identity` (older checkpoints carry the run's mixture hash instead: they
+    resume only where that equals it, i.e. when they were written without a thread setting)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("mixture_sha256") != mixture_sha:
+    if state.get("resume_sha256", state.get("mixture_sha256")) != identity:
         raise TrainError(
             f"{path} was written for a different mixture/overrides: rerun with the same "
             "settings, or delete the checkpoint to start over"

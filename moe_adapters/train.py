@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moe_adapters.base_model import resolve_base_model
-from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpoint
+from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpoint, resume_identity
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
@@ -89,7 +89,8 @@ def train_mixture(
     )
     mixture_text = mixture_yaml(config, probabilities)
     mixture_sha = hashlib.sha256(mixture_text.encode() + str(single_adapter).encode()).hexdigest()
-    saved = read_checkpoint(checkpoint, mixture_sha) if state == "resumable" else None
+    identity = resume_identity(config, probabilities, single_adapter)
+    saved = read_checkpoint(checkpoint, identity) if state == "resumable" else None
     if parallel.is_main:
         (out_dir / "mixture.yaml").write_text(mixture_text)
     torch.set_num_threads(choose_num_threads(config.train.num_threads))
@@ -103,7 +104,7 @@ def train_mixture(
         start_shared_phase(trainer, tokenizer)
     if saved is not None:
         load_checkpoint(trainer, saved)
-    run_training(trainer, out_dir, mixture_sha, progress=progress)
+    run_training(trainer, out_dir, identity, progress=progress)
     if os.environ.get(TEST_DIGEST_ENV):
         write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
     if parallel.is_main:
