@@ -26,7 +26,8 @@ _ALIASES = cast(Table, Alias.__table__)
 # Built once: resolve is on the gateway's hot path (see registry.versions).
 Q_ALIASES_OF_VERSION = (
     sa_select(_ALIASES.c.alias)
-    .where(_ALIASES.c.version_id == bindparam("version_id"))
+    # expert_id first: SQLite then searches UNIQUE(expert_id, alias) instead of scanning every alias
+    .where(_ALIASES.c.expert_id == bindparam("expert_id"), _ALIASES.c.version_id == bindparam("version_id"))
     .order_by(_ALIASES.c.alias)
 )
 
@@ -41,7 +42,11 @@ def resolve(engine: Engine, ref: str, include_archived: bool = False) -> ExpertV
                 f"{parsed.name}@{row.version} is archived; restore it with `moea registry restore "
                 f"{parsed.name}@{row.version}` or pick another version"
             )
-        aliases = list(connection.execute(Q_ALIASES_OF_VERSION, {"version_id": row.id}).scalars())
+        aliases = list(
+            connection.execute(
+                Q_ALIASES_OF_VERSION, {"expert_id": row.expert_id, "version_id": row.id}
+            ).scalars()
+        )
     return make_version_view(row.expert_name, row.expert_task_kind, row, aliases)
 
 

@@ -37,9 +37,12 @@ _VERSION_OF = (
     .where(_EXPERTS.c.name == bindparam("name"))
 )
 Q_VERSION_NUMBER = _VERSION_OF.where(_VERSIONS.c.version == bindparam("version"))
-Q_VERSION_ALIAS = _VERSION_OF.join(_ALIASES, _ALIASES.c.version_id == _VERSIONS.c.id).where(
-    _ALIASES.c.alias == bindparam("alias")
-)
+# Joined on (expert_id, alias) so SQLite finds the alias through UNIQUE(expert_id, alias) instead of
+# scanning every alias of every expert (benchmarks/bench_registry_scale.py).
+Q_VERSION_ALIAS = _VERSION_OF.join(
+    _ALIASES,
+    (_ALIASES.c.expert_id == _EXPERTS.c.id) & (_ALIASES.c.version_id == _VERSIONS.c.id),
+).where(_ALIASES.c.alias == bindparam("alias"))
 Q_VERSION_LATEST = (
     _VERSION_OF.where(_VERSIONS.c.archived.is_(False)).order_by(_VERSIONS.c.version.desc()).limit(1)
 )
