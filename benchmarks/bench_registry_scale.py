@@ -139,11 +139,12 @@ def preemption_control(count: int, seconds: float) -> Timing:
     """Wall seconds of ``count`` pure-Python busy loops of about ``seconds`` each (no I/O, no database).
 
     Their p99 shows what the machine's scheduler adds to any call of that length at this moment."""
-    started = time.perf_counter()
-    spins = 0
-    while time.perf_counter() - started < 0.05:
-        spins += 1
-    per_call = max(1, int(spins * seconds / 0.05))
+    # Calibrated in CPU time: on a busy machine a wall-clock calibration counts the waits too.
+    calibration = 20_000
+    started = time.thread_time()
+    for _ in range(calibration):
+        time.perf_counter()
+    per_call = max(1, int(calibration * seconds / max(time.thread_time() - started, 1e-6)))
 
     def spin(_item: int) -> None:
         for _ in range(per_call):

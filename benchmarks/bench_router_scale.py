@@ -50,7 +50,8 @@ OPERATIONS: dict[str, list[str]] = {
     "summarize": ["Summarize the text below", "Give me the gist of this passage", "Condense the following",
                   "Boil this down to its main point", "What is this passage saying, briefly"],
     "translate_fr": ["Translate this into French", "Render the passage below in French",
-                     "How would a French speaker write the following", "Put this text into French"],
+                     "How would a French speaker write the following", "Put this text into French",
+                     "Say the following the way people in Paris would"],
     "sentiment": ["Is the tone of this text positive or negative", "Judge the mood of the following passage",
                   "Tell me how the writer feels in this text", "Rate the sentiment of the passage below"],
     "names": ["List every person mentioned in the text", "Which people appear in this passage",
@@ -58,7 +59,7 @@ OPERATIONS: dict[str, list[str]] = {
     "title": ["Write a headline for this text", "Suggest a title for the passage below",
               "Come up with a heading for the following", "Give this passage a catchy name"],
     "questions": ["Write quiz questions about this text", "Make up questions a teacher could ask about this",
-                  "Turn the following passage into exam questions", "Draft a few comprehension questions on this"],
+                  "Turn the following passage into exam questions", "Draft a few comprehension questions on this", "Quiz me on the passage below"],
     "grammar": ["Fix the grammar of this text", "Correct any mistakes in the passage below",
                 "Proofread the following", "Clean up the spelling and grammar here"],
     "simplify": ["Rewrite this in plain words", "Make the passage below easier to read",
@@ -78,7 +79,8 @@ OPERATIONS: dict[str, list[str]] = {
     "facts": ["Check the claims in this text", "Which statements in the passage below might be false",
               "Fact-check the following", "Point out anything doubtful in this text"],
     "emoji": ["Retell this text with emoji", "Express the passage below using emoji",
-              "Turn the following into a string of emoji with a few words", "Illustrate this with emoji"],
+              "Turn the following into a string of emoji with a few words", "Illustrate this with emoji",
+              "Use little pictures and smileys to tell the following"],
 }  # fmt: skip
 """Operations → paraphrased instructions (at most 16 operations)."""
 
