@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             plan[key] = getattr(args, key)
     if plan["versions"] != sorted(plan["versions"]) or min(plan["versions"]) < 1 or args.experts < 1:
         parser.error("--versions must be ascending and >= 1, --experts >= 1")
+    # run_all stops a script that runs too long with SIGTERM: exit through the finally below, so the
+    # store on /dev/shm (memory) does not outlive the run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="moea-bench-registry-scale-"))
     # The artifact store fsyncs every blob (~10 ms each here); on tmpfs, growing to 10,000 versions takes
     # a minute instead of five. The database, which is what is measured, stays a file on disk.

@@ -12,6 +12,8 @@ from .artifacts import ArtifactTrees
 from .errors import NotFoundError
 from .models import Alias, Expert, ExpertVersion, Ref, as_utc, parse_ref, validate_name
 from .versions import (
+    Q_ALL_ALIASES,
+    Q_ALL_VERSIONS,
     aliases_by_version,
     find_expert,
     find_version,
@@ -89,6 +91,23 @@ def list_experts(engine: Engine) -> list[ExpertView]:
             )
             for e in session.exec(select(Expert).order_by(Expert.name)).all()
         ]
+
+
+def versions_by_expert(engine: Engine) -> dict[str, list[ExpertVersionView]]:
+    """Expert name → every version (archived included), oldest first, as `list_versions` gives them.
+
+    One read transaction and two Core statements, instead of one ORM read per expert: the gateway reloads
+    every version after each registry change (10,000 versions: ~3 s per-expert, see
+    benchmarks/bench_registry_scale.py)."""
+    with engine.connect() as connection:
+        aliases: dict[int, list[str]] = {}
+        for version_id, alias in connection.execute(Q_ALL_ALIASES):
+            aliases.setdefault(version_id, []).append(alias)
+        result: dict[str, list[ExpertVersionView]] = {}
+        for row in connection.execute(Q_ALL_VERSIONS):
+            view = make_version_view(row.expert_name, row.expert_task_kind, row, aliases.get(row.id, []))
+            result.setdefault(row.expert_name, []).append(view)
+    return result
 
 
 def list_versions(engine: Engine, name: str, include_archived: bool = True) -> list[ExpertVersionView]:

@@ -1,11 +1,13 @@
-"""resolve's statements find their rows through indexes: its latency must not grow with the registry
-(benchmarks/bench_registry_scale.py measures it at 10,000 versions)."""
+"""Reads that must stay cheap as the registry grows (benchmarks/bench_registry_scale.py measures them at
+10,000 versions): resolve finds its rows through indexes, and the gateway's one-read listing of every
+version gives what the per-expert listing gives."""
 
 from __future__ import annotations
 
 import sqlite3
 
 import pytest
+from helpers import make_run_dir
 from sqlalchemy.dialects import sqlite
 
 from registry import catalog, versions
@@ -44,3 +46,17 @@ def test_resolve_statements_search_indexes_instead_of_scanning(
     finally:
         connection.close()
     assert plan and not [step for step in plan if step.startswith("SCAN")], plan
+
+
+def test_versions_by_expert_is_list_versions_of_every_expert(registry: Registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for seed in range(3):
+        registry.register_run(make_run_dir(tmp_path / f"run{seed}", seed=seed, router=False))
+    registry.promote("summarize@2", "prod")
+    registry.promote("summarize@3", "canary")
+    registry.archive("classify@2")
+    every = registry.versions_by_expert()
+    assert sorted(every) == ["classify", "summarize"]
+    for name, views in every.items():
+        assert views == registry.list_versions(name)
+    assert [v.aliases for v in every["summarize"]] == [[], ["prod"], ["canary"]]
+    assert [v.archived for v in every["classify"]] == [False, True, False]
