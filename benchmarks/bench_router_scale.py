@@ -12,7 +12,8 @@ both halves of the instruction. Tasks with the same operation differ only by the
 Measured per task count: router latency (p50/p99 per ``Router.route`` call, batch 1 and 32, plain
 float32 encoder; at the largest count also compiled as ``moea serve`` runs it, bf16 +
 ``torch.compile``), test accuracy against TF-IDF + logistic regression fitted on the same split, and
-the base-abstain rate on a generated out-of-distribution set (chit-chat, trivia, requests that are
+the share of test prompts the router abstains on (sent to the base model; counted as wrong in the
+accuracy), and the base-abstain rate on a generated out-of-distribution set (chit-chat, trivia, requests that are
 no task here). Writes ``benchmarks/results/router_scale.json`` and ``router_scale.png``.
 
     .venv/bin/python benchmarks/bench_router_scale.py --threads 1            # 4/16/64 tasks, 60 prompts/task
@@ -195,7 +196,8 @@ def measure(count: int, plan: dict[str, Any], seed: int, compile_cpu: bool) -> d
         "train_s": round(train_s, 1),
         "head": metrics.get("head"),
         "threshold": metrics.get("threshold"),
-        "val_accuracy": metrics.get("val_accuracy"),
+        "val_accuracy": metrics.get("val_accuracy"),  # argmax over tasks, before the abstain threshold
+        "val_coverage": metrics.get("coverage"),  # share of val prompts above the threshold (not abstained)
         "test": routing_accuracy(router, splits["test"]),
         "tfidf_test_accuracy": tfidf_test_accuracy(splits["train"], splits["test"]),
         "ood_prompts": len(ood),
@@ -238,6 +240,7 @@ def plot(results: list[dict[str, Any]], name: str, results_dir: Path | None) -> 
     left.set_xticks(counts, [str(c) for c in counts])
     left.legend(fontsize=7)
     right.plot(counts, [r["test"]["accuracy"] for r in results], "-o", label="router test accuracy")
+    right.plot(counts, [r["test"]["abstained"] for r in results], ":o", label="test prompts sent to base")
     right.plot(counts, [r["tfidf_test_accuracy"] for r in results], "--x", label="TF-IDF + logreg")
     right.plot(counts, [r["ood_to_base"] for r in results], "-^", label="OOD prompts sent to base")
     right.set(xscale="log", ylim=(0, 1.05), xlabel="tasks (experts)", ylabel="share")
@@ -299,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = curve(
         "Router vs number of experts (synthetic paraphrased tasks, MiniLM, CPU, p50 per route() call)",
-        ["tasks", "test accuracy", "TF-IDF accuracy", "OOD → base", "batch 1 p50 ms", "batch 32 p50 ms",
-         "batch 1 p50 ms compiled"],
+        ["tasks", "test accuracy", "test abstained", "TF-IDF accuracy", "OOD → base", "batch 1 p50 ms",
+         "batch 32 p50 ms", "batch 1 p50 ms compiled"],
         [
-            [r["tasks"], r["test"]["accuracy"], r["tfidf_test_accuracy"], r["ood_to_base"],
+            [r["tasks"], r["test"]["accuracy"], r["test"]["abstained"], r["tfidf_test_accuracy"], r["ood_to_base"],
              r["latency"]["cpu"]["1"]["p50_ms"], r["latency"]["cpu"]["32"]["p50_ms"],
              r["latency"].get("cpu-compiled", {}).get("1", {}).get("p50_ms")]
             for r in results
