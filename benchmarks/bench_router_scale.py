@@ -224,6 +224,7 @@ def plot(results: list[dict[str, Any]], name: str, results_dir: Path | None) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     counts = [r["tasks"] for r in results]
@@ -246,6 +247,8 @@ def plot(results: list[dict[str, Any]], name: str, results_dir: Path | None) -> 
     right.set(xscale="log", ylim=(0, 1.05), xlabel="tasks (experts)", ylabel="share")
     right.set_xticks(counts, [str(c) for c in counts])
     right.legend(fontsize=7)
+    for axes in (left, right):
+        axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the task counts as ticks
     figure.suptitle("Router vs number of experts (synthetic paraphrased tasks, MiniLM encoder, CPU)")
     return save_plot(figure, name, results_dir)
 
