@@ -41,6 +41,8 @@ def _number(value: Any) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, int):  # counts (sizes in a curve): no decimals
+        return f"{value:,}"
     if isinstance(value, int | float):
         magnitude = abs(value)
         return f"{value:,.0f}" if magnitude >= 100 else f"{value:.2f}" if magnitude >= 1 else f"{value:.3g}"
