@@ -80,7 +80,7 @@ def split_prompts(mixture: Path, seed: int = 13) -> dict[str, dict[str, list[str
     return splits
 
 
-def _accuracy(router: Any, test: dict[str, list[str]]) -> dict[str, float]:
+def routing_accuracy(router: Any, test: dict[str, list[str]]) -> dict[str, float]:
     """Share of test prompts routed to their own task, and share abstained (→ base)."""
     prompts = [p for ps in test.values() for p in ps]
     truth = [t for t, ps in test.items() for _ in ps]
@@ -90,7 +90,7 @@ def _accuracy(router: Any, test: dict[str, list[str]]) -> dict[str, float]:
     return {"accuracy": round(correct / len(prompts), 4), "abstained": round(abstained / len(prompts), 4)}
 
 
-def _tfidf_test_accuracy(train: dict[str, list[str]], test: dict[str, list[str]]) -> float:
+def tfidf_test_accuracy(train: dict[str, list[str]], test: dict[str, list[str]]) -> float:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -142,20 +142,20 @@ def measure(
             "head": metrics.get("head"),
             "threshold": metrics.get("threshold"),
             "val_accuracy": metrics.get("val_accuracy"),
-            "tfidf_test_accuracy": _tfidf_test_accuracy(splits["train"], splits["test"]),
+            "tfidf_test_accuracy": tfidf_test_accuracy(splits["train"], splits["test"]),
             "latency": {},
         }
         for device in devices:
             router = Router.load(Path(tmp) / "router", device=device)
             if device == devices[0]:
-                result["test"] = _accuracy(router, splits["test"])
+                result["test"] = routing_accuracy(router, splits["test"])
                 result["ood_to_base"] = round(sum(d.label is None for d in router.route(ood)) / len(ood), 4)
             pool = [p for ps in splits["test"].values() for p in ps]
             result["latency"][device] = latency(router, pool, plan["repeats"])
             if device == "cpu" and compile_cpu:
                 result["compile_s"] = round(router.compile_for_cpu(), 1)
                 result["latency"]["cpu-compiled"] = latency(router, pool, plan["repeats"])
-                result["test_compiled"] = _accuracy(router, splits["test"])
+                result["test_compiled"] = routing_accuracy(router, splits["test"])
                 result["ood_to_base_compiled"] = round(
                     sum(d.label is None for d in router.route(ood)) / len(ood), 4
                 )

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,9 +41,14 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = Path(os.environ.get("MOEA_BENCH_RESULTS", BENCH_DIR / "results"))
+LOAD_AT_START = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+"""Load average (1, 5, 15 min) when the benchmark process imported this module, i.e. before it measured."""
 
 __all__ = [
     "RESULTS_DIR",
+    "command_line",
+    "curve",
+    "save_plot",
     "standard_parser",
     "summary",
     "Timing",
@@ -163,7 +169,7 @@ def machine_info() -> dict[str, Any]:
     """Describe the machine and software a result was measured on.
 
     Keys: ``hostname, platform, python, cpu_model, cpu_count, cpu_affinity, memory_gib, load_avg_1_5_15, torch,
-    torch_threads, cuda, gpu, gpu_count, transformers, peft, vllm, git_commit``. Libraries that are not
+    torch_threads, cuda, gpu, gpu_count, transformers, peft, vllm, git_commit, git_dirty``. Libraries that are not
     installed read ``None``; importing torch is the only heavy step.
     """
     info: dict[str, Any] = {
@@ -176,7 +182,8 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         # Other work on the machine slows every number down; a load above cpu_count means contention.
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "git_commit": _git_commit(),
+        "git_commit": (commit := _git_commit()),
+        "git_dirty": None if commit is None else commit.endswith("-dirty"),
     }
     try:
         import torch
@@ -288,11 +295,37 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def command_line() -> str:
+    """The exact command this process runs as (interpreter, script as typed, every argument), shell-quoted."""
+    return shlex.join([sys.executable, *sys.argv])
+
+
+def curve(title: str, columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    """A scaling curve for the results JSON: one row per size; ``report.py`` renders it as a README table."""
+    if any(len(row) != len(columns) for row in rows):
+        raise ValueError(f"every curve row needs {len(columns)} cells ({', '.join(columns)})")
+    return {"title": title, "columns": list(columns), "rows": [list(row) for row in rows]}
+
+
+def save_plot(figure: Any, name: str, results_dir: Path | None = None) -> Path:
+    """Save a matplotlib ``figure`` as ``<results_dir>/<name>.png`` (next to ``<name>.json``) and close it."""
+    target_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    path = target_dir / f"{name}.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
+
+
 def write_result(name: str, payload: dict[str, Any], *, results_dir: Path | None = None) -> Path:
     """Write ``payload`` to ``<results_dir>/<name>.json`` (atomically) and return the path.
 
-    Adds ``"benchmark": name``, ``"created_at"`` (UTC ISO-8601), ``"argv"`` and ``"machine"``
-    (:func:`machine_info`) unless the payload already sets them. ``results_dir`` defaults to
+    Adds ``"benchmark": name``, ``"created_at"`` (UTC ISO-8601), ``"argv"``, ``"command"``
+    (:func:`command_line`), ``"load_avg_before"`` (:data:`LOAD_AT_START`), ``"load_avg_after"`` and
+    ``"machine"`` (:func:`machine_info`, with the git commit and dirty flag) unless the payload already sets them. ``results_dir`` defaults to
     ``benchmarks/results`` (or ``$MOEA_BENCH_RESULTS``).
     """
     if not name or "/" in name or name.startswith("."):
@@ -303,9 +336,12 @@ def write_result(name: str, payload: dict[str, Any], *, results_dir: Path | None
         "benchmark": name,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
+        "command": command_line(),
+        "load_avg_before": LOAD_AT_START,
         **payload,
     }
     document.setdefault("machine", machine_info())
+    document.setdefault("load_avg_after", document["machine"].get("load_avg_1_5_15"))
     path = target_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")

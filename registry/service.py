@@ -102,6 +102,10 @@ class Registry:
         """Every version of `name`, oldest first."""
         return catalog.list_versions(self.engine, name, include_archived)
 
+    def versions_by_expert(self) -> dict[str, list[ExpertVersionView]]:
+        """Expert name → every version (archived included), oldest first, in one read (the gateway's state)."""
+        return catalog.versions_by_expert(self.engine)
+
     def artifact_path(self, view: ExpertVersionView) -> Path:
         """A complete, verified folder holding the version's PEFT adapter (raises IntegrityError if tampered)."""
         return materialize_artifact(self.engine, self.store, self._trees, view.sha256, view.ref)

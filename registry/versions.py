@@ -37,12 +37,26 @@ _VERSION_OF = (
     .where(_EXPERTS.c.name == bindparam("name"))
 )
 Q_VERSION_NUMBER = _VERSION_OF.where(_VERSIONS.c.version == bindparam("version"))
-Q_VERSION_ALIAS = _VERSION_OF.join(_ALIASES, _ALIASES.c.version_id == _VERSIONS.c.id).where(
-    _ALIASES.c.alias == bindparam("alias")
-)
+# Joined on (expert_id, alias) so SQLite finds the alias through UNIQUE(expert_id, alias) instead of
+# scanning every alias of every expert (benchmarks/bench_registry_scale.py).
+Q_VERSION_ALIAS = _VERSION_OF.join(
+    _ALIASES,
+    (_ALIASES.c.expert_id == _EXPERTS.c.id) & (_ALIASES.c.version_id == _VERSIONS.c.id),
+).where(_ALIASES.c.alias == bindparam("alias"))
 Q_VERSION_LATEST = (
     _VERSION_OF.where(_VERSIONS.c.archived.is_(False)).order_by(_VERSIONS.c.version.desc()).limit(1)
 )
+# Every version of every expert, archived included, oldest first per expert (the gateway's state read).
+Q_ALL_VERSIONS = (
+    sa_select(
+        *_VERSIONS.c,
+        _EXPERTS.c.name.label("expert_name"),
+        _EXPERTS.c.task_kind.label("expert_task_kind"),
+    )
+    .select_from(_VERSIONS.join(_EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id))
+    .order_by(_EXPERTS.c.name, _VERSIONS.c.version)
+)
+Q_ALL_ALIASES = sa_select(_ALIASES.c.version_id, _ALIASES.c.alias).order_by(_ALIASES.c.alias)
 Q_EXPERT_ID = sa_select(_EXPERTS.c.id).where(_EXPERTS.c.name == bindparam("name"))
 
 

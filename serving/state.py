@@ -70,8 +70,9 @@ def _read_experts(registry: Any) -> tuple[dict[str, Any], dict[str, ExpertEntry]
     experiments = {exp.expert: exp for exp in registry.active_experiments()}
     experts: dict[str, ExpertEntry] = {}
     required: list[Any] = []
+    every_version = registry.versions_by_expert()
     for expert in registry.list_experts():
-        versions = {view.version: view for view in registry.list_versions(expert.name)}
+        versions = {view.version: view for view in every_version.get(expert.name, [])}
         serving = None
         with contextlib.suppress(LookupError):
             serving = registry.resolve(expert.name)
