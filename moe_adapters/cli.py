@@ -14,6 +14,8 @@ from typing import Any
 import click
 import yaml
 
+from registry.cli import registry_url_option, store_dir_option
+
 from .config import SINGLE_ADAPTER_BUDGETS
 
 
@@ -81,10 +83,63 @@ def base_prepare(base_spec: str | None) -> None:
     metavar="KEY=VALUE",
     help="Override a mixture setting, e.g. --set train.max_steps=50 (repeatable).",
 )
+@click.option(
+    "--dpo",
+    "dpo_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Preference tuning: continue the --from version's LoRA with DPO on this preference JSONL "
+    "(prompt/messages, chosen, rejected); settings in the mixture's dpo: section. Writes a run dir with "
+    "that one expert.",
+)
+@click.option(
+    "--from",
+    "from_ref",
+    default=None,
+    metavar="NAME@ALIAS|NAME@VERSION",
+    help="With --dpo: the registered version to start from; it is also the frozen DPO reference.",
+)
+@click.option(
+    "--dpo-heldout",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --dpo: preference pairs never trained on; metrics.json reports their preference accuracy "
+    "before and after.",
+)
+@registry_url_option
+@store_dir_option
 def train(
-    mixture: Path, out_dir: Path, resume: bool, single_adapter: bool, budget: str, overrides: tuple[str, ...]
+    mixture: Path,
+    out_dir: Path,
+    resume: bool,
+    single_adapter: bool,
+    budget: str,
+    overrides: tuple[str, ...],
+    dpo_file: Path | None,
+    from_ref: str | None,
+    dpo_heldout: Path | None,
+    registry_url: str | None,
+    store_dir: Path | None,
 ) -> None:
-    """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir."""
+    """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir; with --dpo, tune one
+    registered expert on preference pairs instead."""
+    if dpo_file is not None or from_ref is not None or dpo_heldout is not None:
+        _check_dpo_options(dpo_file, from_ref, resume, single_adapter)
+        from .dpo import train_dpo
+
+        assert dpo_file is not None and from_ref is not None
+        run_dir = train_dpo(
+            mixture,
+            out_dir,
+            dpo_file,
+            from_ref,
+            heldout_path=dpo_heldout,
+            registry_url=registry_url,
+            store_dir=store_dir,
+            overrides=_parse_overrides(overrides),
+        )
+        click.echo(f"run dir: {run_dir}")
+        return
     from .train import train_mixture
 
     run_dir = train_mixture(
@@ -96,3 +151,17 @@ def train(
         overrides=_parse_overrides(overrides),
     )
     click.echo(f"run dir: {run_dir}")
+
+
+def _check_dpo_options(
+    dpo_file: Path | None, from_ref: str | None, resume: bool, single_adapter: bool
+) -> None:
+    """--dpo needs --from (and the reverse); it does not combine with --resume or --single-adapter."""
+    if dpo_file is None:
+        raise click.UsageError("--from and --dpo-heldout need --dpo PREFS.jsonl (the preference pairs)")
+    if from_ref is None:
+        raise click.UsageError(
+            "--dpo needs --from NAME@ALIAS (e.g. --from sentiment@prod): the registered version to tune"
+        )
+    if resume or single_adapter:
+        raise click.UsageError("--dpo tunes one registered expert: drop --resume and --single-adapter")
