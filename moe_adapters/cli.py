@@ -15,6 +15,7 @@ import click
 import yaml
 
 from registry.cli import registry_url_option, store_dir_option
+from registry.errors import user_facing_errors
 
 from .config import SINGLE_ADAPTER_BUDGETS
 
@@ -128,16 +129,17 @@ def train(
         from .dpo import train_dpo
 
         assert dpo_file is not None and from_ref is not None
-        run_dir = train_dpo(
-            mixture,
-            out_dir,
-            dpo_file,
-            from_ref,
-            heldout_path=dpo_heldout,
-            registry_url=registry_url,
-            store_dir=store_dir,
-            overrides=_parse_overrides(overrides),
-        )
+        with user_facing_errors():  # bad pairs, an unknown --from ref: `Error: …`, exit 1, nothing written
+            run_dir = train_dpo(
+                mixture,
+                out_dir,
+                dpo_file,
+                from_ref,
+                heldout_path=dpo_heldout,
+                registry_url=registry_url,
+                store_dir=store_dir,
+                overrides=_parse_overrides(overrides),
+            )
         click.echo(f"run dir: {run_dir}")
         return
     from .train import train_mixture

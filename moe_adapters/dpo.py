@@ -114,6 +114,8 @@ def train_dpo(
     }
     metrics = dpo_metrics(view.name, config, log_history, train_s, time.perf_counter() - wall_start)
     metrics["dpo"].update(lineage=lineage, heldout=heldout_report)
+    if heldout_report is not None:  # shown with the version by `moea registry show`
+        metrics["experts"][view.name]["heldout_reward_accuracy"] = heldout_report["after"]["reward_accuracy"]
     write_json_atomic(out_dir / "metrics.json", metrics)
     run = dpo_run_record(view, config, base_path, mixture_text, lineage)
     fsync_tree(out_dir)  # run.json is the completion marker: what it vouches for reaches the disk first
