@@ -73,6 +73,7 @@ def train_dpo(
     check_out_dir(out_dir, resume=False)
     config = load_mixture(mixture_path, overrides)
     pairs = read_preferences(preferences_path)
+    preferences_sha256 = preference_file_sha256(preferences_path)  # hashed as read, before training
     heldout = read_preferences(heldout_path) if heldout_path is not None else None
     view, adapter_dir = _resolve_version(from_ref, registry_url, store_dir)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
@@ -91,36 +92,55 @@ def train_dpo(
         print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
     torch.manual_seed(config.train.seed)
     model = load_policy(base_path, adapter_dir)
-    before = score_pairs(model, heldout_tokens) if heldout_tokens else None
-    step_start = time.perf_counter()
-    log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
-    train_s = time.perf_counter() - step_start
-    heldout_report = None
-    if heldout_tokens and before is not None:
-        after = score_pairs(model, heldout_tokens)
-        heldout_report = {
-            "file": str(Path(heldout_path).resolve()) if heldout_path else None,
-            "before": preference_accuracy(before),
-            "after": preference_accuracy(after, before, config.dpo.beta),
-        }
+    metrics = train_and_measure(model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress)
     write_adapter_folder(model, "default", out_dir / "experts" / view.name, base_path)
-    lineage = {
-        "method": LINEAGE_METHOD,
-        "parent": from_ref,
-        "parent_version": view.version,
-        "preferences_file": str(Path(preferences_path).resolve()),
-        "preferences_sha256": preference_file_sha256(preferences_path),
-        "pairs": len(train_tokens),
-    }
-    metrics = dpo_metrics(view.name, config, log_history, train_s, time.perf_counter() - wall_start)
-    metrics["dpo"].update(lineage=lineage, heldout=heldout_report)
-    if heldout_report is not None:  # shown with the version by `moea registry show`
-        metrics["experts"][view.name]["heldout_reward_accuracy"] = heldout_report["after"]["reward_accuracy"]
+    lineage = lineage_record(from_ref, view.version, preferences_path, preferences_sha256, len(train_tokens))
+    metrics["dpo"]["lineage"] = lineage
+    if metrics["dpo"]["heldout"] is not None:
+        metrics["dpo"]["heldout"]["file"] = str(Path(heldout_path or "").resolve())
+    metrics["train"]["wall_s"] = time.perf_counter() - wall_start
     write_json_atomic(out_dir / "metrics.json", metrics)
     run = dpo_run_record(view, config, base_path, mixture_text, lineage)
     fsync_tree(out_dir)  # run.json is the completion marker: what it vouches for reaches the disk first
     write_json_atomic(out_dir / RUN_MARKER, run)
     return out_dir
+
+
+def lineage_record(
+    from_ref: str, parent_version: int, preferences_path: Path, preferences_sha256: str, pairs: int
+) -> dict[str, Any]:
+    """``run.json`` ``lineage[NAME]``: what ``moea register`` records with the new version
+    (``registry/lineage.py`` reads it)."""
+    return {
+        "method": LINEAGE_METHOD,
+        "parent": from_ref,
+        "parent_version": parent_version,
+        "preferences_file": str(Path(preferences_path).resolve()),
+        "preferences_sha256": preferences_sha256,
+        "pairs": pairs,
+    }
+
+
+def train_and_measure(
+    model: Any,
+    tokenizer: Any,
+    train_tokens: list[PairTokens],
+    heldout_tokens: list[PairTokens] | None,
+    config: MixtureConfig,
+    name: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included)."""
+    before = score_pairs(model, heldout_tokens) if heldout_tokens else None
+    step_start = time.perf_counter()
+    log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
+    metrics = dpo_metrics(name, config, log_history, time.perf_counter() - step_start)
+    metrics["dpo"]["heldout"] = None
+    if heldout_tokens and before is not None:
+        after = preference_accuracy(score_pairs(model, heldout_tokens), before, config.dpo.beta)
+        metrics["dpo"]["heldout"] = {"before": preference_accuracy(before), "after": after}
+        metrics["experts"][name]["heldout_reward_accuracy"] = after["reward_accuracy"]  # `registry show`
+    return metrics
 
 
 def _resolve_version(ref: str, registry_url: str | None, store_dir: Path | None) -> tuple[Any, Path]:
@@ -206,7 +226,7 @@ def run_dpo(
 
 
 def dpo_metrics(
-    name: str, config: MixtureConfig, log_history: list[dict[str, Any]], train_s: float, wall_s: float
+    name: str, config: MixtureConfig, log_history: list[dict[str, Any]], train_s: float
 ) -> dict[str, Any]:
     """metrics.json of a DPO run: the expert's steps and losses, timing, and the ``dpo`` section."""
     last = log_history[-1] if log_history else {}
@@ -222,7 +242,6 @@ def dpo_metrics(
         "train": {
             "steps": int(last.get("step", 0)),
             "step_time_s": train_s,
-            "wall_s": wall_s,
             "torch_threads": torch.get_num_threads(),
         },
         "dpo": {
