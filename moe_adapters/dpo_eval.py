@@ -75,8 +75,9 @@ def score_pairs(model: Any, pairs: Sequence[PairTokens], batch_size: int = 8) ->
 def preference_accuracy(
     scores: PairScores, reference: PairScores | None = None, beta: float = 0.1
 ) -> dict[str, Any]:
-    """``accuracy``, ``accuracy_per_token`` and ``mean_logp_gap`` of ``scores``; with the ``reference``'s
-    scores of the same pairs also ``reward_accuracy`` and ``mean_reward_margin`` (β × margin, as TRL logs)."""
+    """``accuracy``, ``accuracy_per_token``, ``mean_logp_gap`` and the mean chosen / rejected log-probs of
+    ``scores``; with the ``reference``'s scores of the same pairs also ``reward_accuracy`` and
+    ``mean_reward_margin`` (β × margin, as TRL logs)."""
     n = len(scores.chosen)
     gaps = [c - r for c, r in zip(scores.chosen, scores.rejected, strict=True)]
     per_token = [
@@ -90,6 +91,8 @@ def preference_accuracy(
         "accuracy": sum(g > 0 for g in gaps) / n if n else 0.0,
         "accuracy_per_token": sum(per_token) / n if n else 0.0,
         "mean_logp_gap": sum(gaps) / n if n else 0.0,
+        "mean_chosen_logp": sum(scores.chosen) / n if n else 0.0,
+        "mean_rejected_logp": sum(scores.rejected) / n if n else 0.0,
     }
     if reference is not None:
         ref_gaps = [c - r for c, r in zip(reference.chosen, reference.rejected, strict=True)]

@@ -86,6 +86,7 @@ def test_preference_accuracy_readings() -> None:
     assert (report["accuracy"], report["accuracy_per_token"], report["mean_logp_gap"]) == (0.5, 1.0, 0.0)
     # margins vs the reference: pair 0: 2 - 0 = 2 > 0; pair 1: -2 - (-3) = 1 > 0.
     assert (report["reward_accuracy"], report["mean_reward_margin"]) == (1.0, 0.5 * 1.5)
+    assert (report["mean_chosen_logp"], report["mean_rejected_logp"]) == (-2.5, -2.5)
     assert "reward_accuracy" not in preference_accuracy(scores)
     assert (
         preference_accuracy(reference, reference)["reward_accuracy"] == 0.0
