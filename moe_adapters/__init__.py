@@ -10,6 +10,7 @@ line that names the impostor's path, instead of failing later with a confusing A
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 MOEA_PACKAGE = "moe_adapters"
@@ -42,3 +43,8 @@ def check_sibling_packages(names: tuple[str, ...] = ("registry", "serving")) -> 
 
 
 check_sibling_packages()
+
+# bitsandbytes' CPU backend (QLoRA, moe_adapters.quantize) logs a warning at import that an optional kernel
+# download from the Hub failed, and peft imports bitsandbytes whenever it is installed, so every run would
+# print it; its built-in fallback quantizes and trains correctly (tests/moe_adapters/test_train_parallel.py).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

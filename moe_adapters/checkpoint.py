@@ -3,6 +3,8 @@ state written atomically and restored so that ``resume=True`` continues bit-for-
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import sys
 import tempfile
@@ -11,7 +13,8 @@ from typing import Any
 
 import torch
 
-from moe_adapters.config import SHARED_ADAPTER
+from moe_adapters.config import SHARED_ADAPTER, MixtureConfig
+from moe_adapters.config_load import mixture_yaml
 from moe_adapters.run_dir import CHECKPOINT_NAME, RUN_MARKER, RunDirState, run_dir_state
 from moe_adapters.shared_phase import set_phase
 from moe_adapters.train_state import Trainer, TrainError
@@ -45,21 +48,29 @@ def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
     return state
 
 
-def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
-    """Write every piece of training state to ``path`` atomically (temp file + rename)."""
+def save_checkpoint(trainer: Trainer, path: Path, identity: str) -> None:
+    """Write every piece of training state to ``path`` atomically (temp file + rename).
+
+    In a data-parallel run every rank calls this (each rank's RNG state is gathered: dropout draws differ
+    per rank) and rank 0 alone writes; the rest of the state is the same on every rank."""
     from peft import get_peft_model_state_dict
 
     flush_losses(trainer)
+    rng_states = trainer.parallel.gather_objects(torch.get_rng_state())
+    if not trainer.parallel.is_main:
+        return
     state = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "mixture_sha256": mixture_sha,
+        "resume_sha256": identity,
         "global_step": trainer.global_step,
         "train_time_s": trainer.train_time_s,
         "sampler": trainer.sampler.state_dict(),
         "batchers": {t: b.state_dict() for t, b in trainer.batchers.items()},
         "replay_batcher": trainer.replay_batcher.state_dict() if trainer.replay_batcher else None,
         "shared_done": trainer.shared_done,
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": rng_states[0],
+        "world_size": trainer.parallel.world_size,
+        "torch_rng_per_rank": rng_states,
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "experts": {
             name: {
@@ -84,10 +95,22 @@ def save_checkpoint(trainer: Trainer, path: Path, mixture_sha: str) -> None:
             os.unlink(tmp)
 
 
-def read_checkpoint(path: Path, mixture_sha: str) -> dict[str, Any]:
-    """Load ``path``; refuse a checkpoint written for other settings (resuming it would not be exact)."""
+def resume_identity(config: MixtureConfig, probabilities: dict[str, float], single_adapter: bool) -> str:
+    """What a checkpoint must match to be resumed: the resolved mixture without the settings that do not
+    change what is trained (``train.num_threads``: a run may resume on a machine with other cores)."""
+    portable = copy.deepcopy(config)
+    portable.train.num_threads = None
+    text = mixture_yaml(portable, probabilities)
+    return hashlib.sha256(text.encode() + str(single_adapter).encode()).hexdigest()
+
+
+def read_checkpoint(path: Path, identity: str) -> dict[str, Any]:
+    """Load ``path``; refuse a checkpoint written for other settings (resuming it would not be exact).
+
+    ``identity`` is :func:`resume_identity` (older checkpoints carry the run's mixture hash instead: they
+    resume only where that equals it, i.e. when they were written without a thread setting)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("mixture_sha256") != mixture_sha:
+    if state.get("resume_sha256", state.get("mixture_sha256")) != identity:
         raise TrainError(
             f"{path} was written for a different mixture/overrides: rerun with the same "
             "settings, or delete the checkpoint to start over"
@@ -112,7 +135,13 @@ def load_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
         trainer.batchers[task].load_state_dict(batcher_state)
     if trainer.replay_batcher is not None and state["replay_batcher"] is not None:
         trainer.replay_batcher.load_state_dict(state["replay_batcher"])
-    torch.set_rng_state(state["torch_rng"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != trainer.parallel.world_size:
+        raise TrainError(
+            f"the checkpoint was written by {saved_world} process(es), this run has "
+            f"{trainer.parallel.world_size}: resume with the same number of processes (the batches depend on it)"
+        )
+    torch.set_rng_state(state.get("torch_rng_per_rank", [state["torch_rng"]])[trainer.parallel.rank])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     trainer.global_step = state["global_step"]

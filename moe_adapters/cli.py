@@ -85,6 +85,15 @@ def base_prepare(base_spec: str | None) -> None:
     help="Override a mixture setting, e.g. --set train.max_steps=50 (repeatable).",
 )
 @click.option(
+    "--sweep",
+    "sweep_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Hyper-parameter search per expert (sweep YAML: method grid|random, params lr / r / steps): every "
+    "expert's trials train alone with early stopping, the lowest validation loss wins; --out gets the "
+    "winners in experts/ plus sweep.json, sweep.md and sweep.png. Rerun with the same --out to continue.",
+)
+@click.option(
     "--dpo",
     "dpo_file",
     type=click.Path(path_type=Path),
@@ -116,6 +125,7 @@ def train(
     single_adapter: bool,
     budget: str,
     overrides: tuple[str, ...],
+    sweep_path: Path | None,
     dpo_file: Path | None,
     from_ref: str | None,
     dpo_heldout: Path | None,
@@ -125,7 +135,7 @@ def train(
     """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir; with --dpo, tune one
     registered expert on preference pairs instead."""
     if dpo_file is not None or from_ref is not None or dpo_heldout is not None:
-        _check_dpo_options(dpo_file, from_ref, resume, single_adapter)
+        _check_dpo_options(dpo_file, from_ref, resume or single_adapter or sweep_path is not None)
         from .dpo import train_dpo
 
         assert dpo_file is not None and from_ref is not None
@@ -144,6 +154,17 @@ def train(
         return
     from .train import train_mixture
 
+    if sweep_path is not None:
+        if single_adapter or resume:
+            raise click.UsageError(
+                "--sweep trains experts and continues by itself: drop --single-adapter/--resume"
+            )
+        from .sweep_run import sweep_mixture
+
+        click.echo(
+            f"run dir: {sweep_mixture(mixture, sweep_path, out_dir, overrides=_parse_overrides(overrides))}"
+        )
+        return
     run_dir = train_mixture(
         mixture,
         out_dir,
@@ -155,15 +176,15 @@ def train(
     click.echo(f"run dir: {run_dir}")
 
 
-def _check_dpo_options(
-    dpo_file: Path | None, from_ref: str | None, resume: bool, single_adapter: bool
-) -> None:
-    """--dpo needs --from (and the reverse); it does not combine with --resume or --single-adapter."""
+def _check_dpo_options(dpo_file: Path | None, from_ref: str | None, other_mode: bool) -> None:
+    """--dpo needs --from (and the reverse); it does not combine with --resume, --single-adapter or --sweep."""
     if dpo_file is None:
         raise click.UsageError("--from and --dpo-heldout need --dpo PREFS.jsonl (the preference pairs)")
     if from_ref is None:
         raise click.UsageError(
             "--dpo needs --from NAME@ALIAS (e.g. --from sentiment@prod): the registered version to tune"
         )
-    if resume or single_adapter:
-        raise click.UsageError("--dpo tunes one registered expert: drop --resume and --single-adapter")
+    if other_mode:
+        raise click.UsageError(
+            "--dpo tunes one registered expert: drop --resume, --single-adapter and --sweep"
+        )

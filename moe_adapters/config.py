@@ -221,6 +221,11 @@ class TrainConfig:
     the metric early stopping uses) is strictly lower than the shared adapter's on the same rows; other
     tasks are served by ``experts/shared`` (the router sends them there) and their experts are saved
     under ``candidates/`` only."""
+    quantize: Literal["none", "4bit"] = "none"
+    """``4bit``: QLoRA, the base model loaded in 4-bit NF4 with bitsandbytes (double quantization, bf16
+    compute; ``pip install 'moea[qlora]'``), the LoRA experts in full precision on top. Checked when the
+    mixture is loaded for training: bitsandbytes must be able to quantize on this machine (CUDA, or its
+    CPU backend). The adapters are ordinary adapters of the unquantized base, which serving and export use."""
 
 
 @dataclass

@@ -105,3 +105,28 @@ def plot_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         fig.savefig(paths["confusion_png"], dpi=120)
         plt.close(fig)
     return paths
+
+
+def plot_sweep(rows: list[dict[str, Any]], chosen: dict[str, int], path: Path) -> Path:
+    """A sweep's best validation loss per trial, one panel per expert, the winner highlighted (sweep.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(max(5, 4.5 * len(tasks)), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        trials = [r for r in rows if r["task"] == task]
+        losses = [r["best_val_loss"] if r["best_val_loss"] is not None else float("nan") for r in trials]
+        colors = ["C2" if chosen.get(task) == r["trial"] else "C0" for r in trials]
+        ax.bar(range(len(trials)), losses, color=colors)
+        ax.set_xticks(range(len(trials)))
+        ax.set_xticklabels([f"lr {r['lr']:.2g}\nr {r['r']}\n{r['steps']} st" for r in trials], fontsize=7)
+        ax.set(title=f"{task} (green: winner)", ylabel="best validation loss")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

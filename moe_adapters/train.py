@@ -20,6 +20,8 @@ optimizers, batchers), :mod:`~moe_adapters.train_loop` with :mod:`~moe_adapters.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,19 +30,22 @@ from typing import Any
 import torch
 
 from moe_adapters.base_model import resolve_base_model
-from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpoint
+from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpoint, resume_identity
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
-from moe_adapters.hardware import choose_num_threads, threads_reason
+from moe_adapters.hardware import choose_num_threads, pick_device, threads_reason
+from moe_adapters.parallel import TEST_DIGEST_ENV, Parallel, adapter_digest, detect_parallel
+from moe_adapters.quantize import check_quantize_backend
 from moe_adapters.run_dir import CHECKPOINT_NAME
 from moe_adapters.sampling import temperature_probabilities
 from moe_adapters.shared_phase import start_shared_phase
 from moe_adapters.train_loop import run_training
 from moe_adapters.train_outputs import finalize_run
-from moe_adapters.train_state import TrainError, build_trainer
+from moe_adapters.train_state import Trainer, TrainError, build_trainer
 
 
+# The run's phases in order, each one call; splitting the sequence would hide the order that matters.
 def train_mixture(
     mixture_path: Path,
     out_dir: Path,
@@ -58,41 +63,56 @@ def train_mixture(
     ``single_adapter=True`` trains one LoRA on all tasks (``experts/multitask/``, no router) for the
     steps its ``budget`` allows (:func:`single_adapter_max_steps`);
     ``overrides`` are dotted mixture keys, e.g. ``{"train.max_steps": 20}``.
+
+    Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this and trains
+    data-parallel (:mod:`moe_adapters.parallel`); only rank 0 writes the run dir, checkpoints and logs.
     """
     wall_start = time.perf_counter()
+    parallel = detect_parallel()
+    progress = progress and parallel.is_main
     out_dir = Path(out_dir).expanduser().resolve()
     state = check_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
+    check_quantize_backend(config.train.quantize, parallel.device or pick_device()[0])
     budget_record = apply_budget(config, single_adapter, budget)
     drop_recipes_for_single_adapter(config, single_adapter)
     checkpoint = out_dir / CHECKPOINT_NAME
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
     tokenizer = _load_tokenizer(base_path)
     data = load_mixture_data(config, tokenizer, single_adapter=single_adapter)
-    report_long_rows(data, config.train.long_rows)
+    report_long_rows(data, config.train.long_rows, quiet=not parallel.is_main)
     expert_tasks = [t.name for t in config.expert_tasks]
     probabilities = temperature_probabilities(
         {t: data.sizes()[t] for t in expert_tasks}, config.sampling.temperature, config.sampling.cap
     )
     mixture_text = mixture_yaml(config, probabilities)
     mixture_sha = hashlib.sha256(mixture_text.encode() + str(single_adapter).encode()).hexdigest()
-    saved = read_checkpoint(checkpoint, mixture_sha) if state == "resumable" else None
-    (out_dir / "mixture.yaml").write_text(mixture_text)
+    identity = resume_identity(config, probabilities, single_adapter)
+    saved = read_checkpoint(checkpoint, identity) if state == "resumable" else None
+    if parallel.is_main:
+        (out_dir / "mixture.yaml").write_text(mixture_text)
     torch.set_num_threads(choose_num_threads(config.train.num_threads))
     if progress:
         reason = threads_reason(config.train.num_threads)
         print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
     torch.manual_seed(config.train.seed)
-    trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter)
+    trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter, parallel)
     trainer.budget = budget_record
     if config.train.shared_steps > 0:
         start_shared_phase(trainer, tokenizer)
     if saved is not None:
         load_checkpoint(trainer, saved)
-    run_training(trainer, out_dir, mixture_sha, progress=progress)
-    finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start)
-    checkpoint.unlink(missing_ok=True)
+    run_training(trainer, out_dir, identity, progress=progress)
+    if os.environ.get(TEST_DIGEST_ENV):
+        write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
+    if parallel.is_main:
+        trainer.parallel = Parallel()  # rank 0 finishes alone (end-of-run evals, router): no collectives
+        finalize_run(
+            trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start
+        )
+        checkpoint.unlink(missing_ok=True)
     return out_dir
 
 
@@ -141,11 +161,12 @@ def drop_recipes_for_single_adapter(config: MixtureConfig, single_adapter: bool)
         tr.shared_steps, tr.keep_if_better = 0, False
 
 
-def report_long_rows(data: MixtureData, policy: str) -> None:
-    """One line per task whose rows over train.max_length were skipped or truncated (train.long_rows)."""
+def report_long_rows(data: MixtureData, policy: str, quiet: bool = False) -> None:
+    """One line per task whose rows over train.max_length were skipped or truncated (train.long_rows);
+    nothing when ``quiet`` (ranks other than 0 of a data-parallel run)."""
     for name, task in data.tasks.items():
         done = {k: v for k, v in task.long_rows.items() if v}
-        if done:
+        if done and not quiet:
             what = ", ".join(f"{v} {k}" for k, v in done.items())
             print(
                 f"task {name}: rows over train.max_length: {what} (train.long_rows: {policy})",
@@ -162,3 +183,21 @@ def _load_tokenizer(base_path: str) -> Any:
     if not tokenizer.chat_template:
         raise TrainError(f"{base_path} has no chat template: use an instruct/chat base model")
     return tokenizer
+
+
+def write_rank_digests(trainer: Trainer, folder: Path) -> None:
+    """Test-only hook (:data:`~moe_adapters.parallel.TEST_DIGEST_ENV`): write ``rank<N>.json`` with the
+    global step and, per adapter, its steps and the digest of the weights it would save (its best state)."""
+    from peft import get_peft_model_state_dict
+
+    experts = {}
+    for name, expert in trainer.experts.items():
+        weights = expert.best_state or get_peft_model_state_dict(trainer.model, adapter_name=expert.adapter)
+        experts[name] = {"steps": expert.steps, "sha256": adapter_digest(weights)}
+    record = {
+        "global_step": trainer.global_step,
+        "world_size": trainer.parallel.world_size,
+        "experts": experts,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{trainer.parallel.rank}.json").write_text(json.dumps(record, indent=2))

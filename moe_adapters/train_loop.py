@@ -12,7 +12,7 @@ from moe_adapters.train_state import Trainer
 from moe_adapters.train_step import flush_losses, record_eval, train_step
 
 
-def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress: bool = True) -> None:
+def run_training(trainer: Trainer, out_dir: Path, resume_sha: str, *, progress: bool = True) -> None:
     """The step loop with progress bar, periodic eval, early stopping and checkpoints."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -56,7 +56,7 @@ def run_training(trainer: Trainer, out_dir: Path, mixture_sha: str, *, progress:
             else:
                 bar.update(bar_id, completed=step)
             if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.max_steps:
-                save_checkpoint(trainer, out_dir / CHECKPOINT_NAME, mixture_sha)
+                save_checkpoint(trainer, out_dir / CHECKPOINT_NAME, resume_sha)
     flush_losses(trainer)
     for expert in trainer.experts.values():
         if expert.last_eval_step != expert.steps or expert.best_state is None:

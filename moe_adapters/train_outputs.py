@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256
+from moe_adapters.config import MixtureConfig
 from moe_adapters.router_step import train_router_for_run
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
 from moe_adapters.shared_phase import recipe_record
@@ -163,22 +164,31 @@ def run_metrics(trainer: Trainer, recipe: dict[str, Any] | None, wall_s: float) 
 
 
 def run_record(trainer: Trainer, base_path: str, mixture_sha: str, single_adapter: bool) -> dict[str, Any]:
+    """run.json of a training run (:func:`mixture_run_record` with the trainer's mixture and budget)."""
+    return mixture_run_record(trainer.config, base_path, mixture_sha, single_adapter, trainer.budget)
+
+
+def mixture_run_record(
+    config: MixtureConfig,
+    base_path: str,
+    mixture_sha: str,
+    single_adapter: bool = False,
+    budget: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """run.json: the base model, the mixture's hash, the commit and each task's prompt settings."""
     return {
         "format_version": RUN_FORMAT_VERSION,
         "base_model": base_path,
-        "base_model_name": DEFAULT_BASE_NAME
-        if trainer.config.base_model == "default"
-        else Path(base_path).name,
+        "base_model_name": DEFAULT_BASE_NAME if config.base_model == "default" else Path(base_path).name,
         "base_model_sha256": base_model_sha256(base_path),
         "created_at": datetime.now(UTC).isoformat(),
         "mixture_sha256": mixture_sha,
         "git_commit": _git_commit(),
         "single_adapter": single_adapter,
-        **({"budget": trainer.budget} if trainer.budget is not None else {}),
+        **({"budget": budget} if budget is not None else {}),
         "tasks": {
             t.name: {"kind": t.kind, "system_prompt": t.system_prompt, "prompt_policy": t.prompt_policy}
-            for t in trainer.config.expert_tasks
+            for t in config.expert_tasks
         },
     }
 

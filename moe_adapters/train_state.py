@@ -16,6 +16,8 @@ from moe_adapters.config import SHARED_ADAPTER, MixtureConfig
 from moe_adapters.data import Example, MixtureData
 from moe_adapters.data_batches import BucketBatcher
 from moe_adapters.hardware import pick_device
+from moe_adapters.parallel import Parallel
+from moe_adapters.quantize import QUANTIZE_4BIT, load_quantized_base
 from moe_adapters.sampling import TaskSampler
 
 MULTITASK_NAME = "multitask"
@@ -92,6 +94,8 @@ class Trainer:
     """False while the shared warm-up of ``train.shared_steps`` runs (every task trains ``shared``)."""
     shared_examples: dict[str, tuple[list[Example], list[Example]]] | None = None
     """Per expert task, (train, val) examples as the shared adapter sees them (no task system prompt)."""
+    parallel: Parallel = field(default_factory=Parallel)
+    """This process's rank in a data-parallel run (one process by default)."""
 
 
 def build_trainer(
@@ -101,13 +105,17 @@ def build_trainer(
     tokenizer: Any,
     probabilities: dict[str, float],
     single_adapter: bool,
+    parallel: Parallel | None = None,
 ) -> Trainer:
-    """Load the base once, add one adapter per expert and set up optimizers, schedules and batchers."""
+    """Load the base once, add one adapter per expert and set up optimizers, schedules and batchers.
+
+    Under a data-parallel ``parallel`` every rank builds the same sampler and batchers (same seeds)."""
+    parallel = parallel or Parallel()
     tasks = list(probabilities)
     groups = {MULTITASK_NAME: tasks} if single_adapter else {t: [t] for t in tasks}
     if not single_adapter and config.train.shared_steps > 0:
         groups[SHARED_ADAPTER] = tasks
-    device, peft_model = _model_with_adapters(config, base_path, list(groups))
+    device, peft_model = _model_with_adapters(config, base_path, list(groups), parallel.device)
     experts = {
         name: _expert_state(config, peft_model, name, members, probabilities)
         for name, members in groups.items()
@@ -137,19 +145,27 @@ def build_trainer(
         replay_batcher=BucketBatcher([len(e.input_ids) for e in replay], n_replay, hash_seed(seed, "replay"))
         if n_replay
         else None,
+        parallel=parallel,
     )
 
 
-def _model_with_adapters(config: MixtureConfig, base_path: str, names: list[str]) -> tuple[torch.device, Any]:
-    """The base model on the training device with one LoRA adapter per name, in training mode (added in
-    ``names`` order: each LoRA init draws from torch's RNG, which the run's seed fixes)."""
+def _model_with_adapters(
+    config: MixtureConfig, base_path: str, names: list[str], device: torch.device | None = None
+) -> tuple[torch.device, Any]:
+    """The base model on the training device (``device``, else :func:`pick_device`'s) with one LoRA adapter
+    per name, in training mode (added in ``names`` order: each LoRA init draws from torch's RNG, which the
+    run's seed fixes); with ``train.quantize: 4bit`` the base is loaded in 4-bit (QLoRA)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    device, dtype = pick_device()
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    default_device, dtype = pick_device()
+    device = device or default_device
+    if config.train.quantize == QUANTIZE_4BIT:
+        model = load_quantized_base(base_path, device, config.train.gradient_checkpointing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
     model.config.use_cache = False
-    if config.train.gradient_checkpointing:
+    if config.train.gradient_checkpointing and config.train.quantize != QUANTIZE_4BIT:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
     lora_config = LoraConfig(

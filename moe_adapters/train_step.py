@@ -46,20 +46,35 @@ def task_examples(trainer: Trainer, task: str, expert: ExpertState) -> tuple[lis
     return data.train_examples, data.val_examples
 
 
+def rank_batches(trainer: Trainer, task: str, expert: ExpertState) -> list[list[Example]]:
+    """The step's batch of every rank: each rank draws ``world_size`` batches from the task's (and the
+    replay) batcher, seeded alike on all ranks, and trains on the one at its rank (one process: one batch)."""
+    source = task_examples(trainer, task, expert)[0]
+    batches = []
+    for _ in range(trainer.parallel.world_size):
+        examples = [source[i] for i in next(trainer.batchers[task])]
+        if trainer.replay_batcher is not None:
+            examples += [trainer.replay_examples[i] for i in next(trainer.replay_batcher)]
+        batches.append(examples)
+    return batches
+
+
 def train_step(trainer: Trainer) -> tuple[str, int]:
-    """One optimizer step on the expert of a sampled task; returns (task, tokens in the batch)."""
+    """One optimizer step on the expert of a sampled task; returns (task, tokens in the batch of all ranks).
+
+    Every rank samples the same task (same sampler seed); gradients are averaged across ranks
+    (:meth:`~moe_adapters.parallel.Parallel.average_gradients`) before clipping and the optimizer step."""
     task = trainer.sampler.sample()
     expert = trainer.experts[trainer.expert_of_task[task]]
-    source = task_examples(trainer, task, expert)[0]
-    examples = [source[i] for i in next(trainer.batchers[task])]
-    if trainer.replay_batcher is not None:
-        examples += [trainer.replay_examples[i] for i in next(trainer.replay_batcher)]
-    tokens = sum(len(e.input_ids) for e in examples)
+    batches = rank_batches(trainer, task, expert)
+    examples = batches[trainer.parallel.rank]
+    tokens = sum(len(e.input_ids) for batch in batches for e in batch)
     batch = {k: v.to(trainer.device, non_blocking=True) for k, v in collate(examples, trainer.pad_id).items()}
     _activate(trainer, expert)
     start = time.perf_counter()
     loss, _ = response_loss(trainer.model, batch)
     loss.backward()
+    loss = trainer.parallel.average_gradients(expert.params, loss)
     if trainer.config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(expert.params, trainer.config.train.grad_clip, foreach=True)
     expert.optimizer.step()
@@ -87,7 +102,8 @@ def flush_losses(trainer: Trainer) -> float | None:
 @torch.no_grad()
 def evaluate_expert(trainer: Trainer, expert: ExpertState, tasks: list[str] | None = None) -> float:
     """Token-weighted validation loss of ``expert`` on (at most ``eval_batches`` batches of) the val rows of
-    ``tasks`` (default: its own tasks)."""
+    ``tasks`` (default: its own tasks). In a data-parallel run each rank evaluates every ``world_size``-th
+    row and the sums are all-reduced, so every rank gets the same number (and the same early stopping)."""
     bs = trainer.config.train.batch_size
     examples = [ex for t in tasks or expert.tasks for ex in task_examples(trainer, t, expert)[1]]
     if not examples:
@@ -95,6 +111,7 @@ def evaluate_expert(trainer: Trainer, expert: ExpertState, tasks: list[str] | No
     examples = sorted(
         examples[: bs * max(1, trainer.config.train.eval_batches)], key=lambda e: len(e.input_ids)
     )
+    examples = examples[trainer.parallel.rank :: trainer.parallel.world_size]
     _activate(trainer, expert)
     trainer.model.eval()
     total = torch.zeros((), device=trainer.device)
@@ -105,6 +122,7 @@ def evaluate_expert(trainer: Trainer, expert: ExpertState, tasks: list[str] | No
         total += loss * n
         count += n
     trainer.model.train()
+    trainer.parallel.sum_(total, count)
     return float(total / count)
 
 

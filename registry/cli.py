@@ -401,6 +401,21 @@ def gc_command(grace_seconds: float, dry_run: bool, registry_url: str | None, st
     )
 
 
+@registry_group.command("purge-content")
+@click.option(
+    "--before",
+    required=True,
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Purge content of requests logged before this UTC date or time (YYYY-MM-DD[THH:MM:SS]).",
+)
+@_common
+def purge_content_command(before: Any, registry_url: str | None, store_dir: Path | None) -> None:
+    """Delete the stored messages and answers (`moea serve --log-content`) of requests logged before
+    --before; the request-log rows and their ratings stay."""
+    purged = _open(registry_url, store_dir).purge_content(before)
+    click.echo(f"purged the content of {purged} request(s) logged before {before:%Y-%m-%d %H:%M:%S} UTC")
+
+
 @registry_group.command("upgrade")
 @_common
 def upgrade_command(registry_url: str | None, store_dir: Path | None) -> None:

@@ -364,3 +364,27 @@ class EvalScore(SQLModel, table=True):
     settings: dict = _json_column()
     created_at: datetime = _ts()
     created_by: str | None = Field(default=None, sa_type=String(128), nullable=True)
+
+
+# ---------------------------------------------------------------- revision 0007
+
+
+class RequestContent(SQLModel, table=True):
+    """What was said in one logged request (`moea serve --log-content` only): the client's messages and the
+    answer text. Keyed like its request row, (request_id, shadow), and written in the same transaction, so
+    the spool's re-inserts store it once; `moea registry purge-content` deletes rows, the request rows stay."""
+
+    __tablename__ = "request_content"
+    __table_args__ = (
+        Index("uq_request_content_request_id_shadow", "request_id", "shadow", unique=True),
+        Index("ix_request_content_created_at", "created_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(sa_type=String(128), nullable=False)
+    shadow: bool = Field(default=False, sa_type=Boolean, nullable=False)
+    created_at: datetime = _ts()
+    messages: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The client's chat messages as sent (before the expert's system prompt is added); for
+    /v1/completions the prompt."""
+    answer: str | None = Field(default=None, sa_type=Text, nullable=True)
+    """The first choice's text (assembled from the events of a streamed answer); None when there was none."""

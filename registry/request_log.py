@@ -12,13 +12,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from . import db
-from .models import Outcome, RequestLog, as_utc
-from .views import OutcomeRecord, RatingState, RequestRecord, rating_accepted
+from .models import Outcome, RequestContent, RequestLog, as_utc
+from .views import CONTENT_FIELDS, OutcomeRecord, RatingState, RequestRecord, rating_accepted
 
 # An A/B report reads tens of thousands of rows, so the reads bypass the ORM (no identity map, no per-row
 # objects) and use statements built once here, which SQLAlchemy's compiled cache then reuses.
 _REQUESTS = cast(Table, RequestLog.__table__)
 _OUTCOMES = cast(Table, Outcome.__table__)
+_CONTENT = cast(Table, RequestContent.__table__)
 _REQUEST_FIELDS = (
     "request_id",
     "created_at",
@@ -75,18 +76,31 @@ def _insert_new_statement(dialect: str, table: Table, key: list[str]) -> Any:
     return insert(table)
 
 
-def _insert_new(engine: Engine, table: Table, key: list[str], rows: list[dict]) -> None:
-    """Insert `rows` in one transaction, skipping rows whose unique `key` is already stored."""
-    statement = _insert_new_statement(engine.dialect.name, table, key)
-    db.run_transaction(engine, lambda s: s.connection().execute(statement, rows))
-
-
 def log_requests(engine: Engine, records: list[RequestRecord]) -> None:
-    """Insert a batch of request records in one transaction (does not change the state token).
+    """Insert a batch of request records in one transaction (does not change the state token); the
+    content of records that carry some (`messages` set: `moea serve --log-content`) goes to the
+    ``request_content`` table in the same transaction.
 
-    Idempotent: a record whose (request_id, shadow) is already logged is skipped."""
-    if records:
-        _insert_new(engine, _REQUESTS, ["request_id", "shadow"], [asdict(r) for r in records])
+    Idempotent: a record whose (request_id, shadow) is already logged is skipped, its content too."""
+    if not records:
+        return
+    rows = [asdict(r) for r in records]
+    requests = [{k: v for k, v in row.items() if k not in CONTENT_FIELDS} for row in rows]
+    content = [
+        {"request_id": row["request_id"], "shadow": row["shadow"], "created_at": row["created_at"],
+         "messages": row["messages"], "answer": row["answer"]}
+        for row in rows
+        if row["messages"] is not None
+    ]  # fmt: skip
+    key = ["request_id", "shadow"]
+
+    def write(session: Session) -> None:
+        connection = session.connection()
+        connection.execute(_insert_new_statement(connection.dialect.name, _REQUESTS, key), requests)
+        if content:
+            connection.execute(_insert_new_statement(connection.dialect.name, _CONTENT, key), content)
+
+    db.run_transaction(engine, write)
 
 
 def record_outcomes(engine: Engine, records: list[OutcomeRecord]) -> list[OutcomeRecord]:

@@ -16,10 +16,22 @@ the modules depend only on the modules below them, never on this class, and this
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import aliases, catalog, db, experiments, golden, maintenance, request_log, routers, transfer
+from . import (
+    aliases,
+    catalog,
+    db,
+    experiments,
+    golden,
+    maintenance,
+    request_content,
+    request_log,
+    routers,
+    transfer,
+)
 from . import archive as archiving
 from . import diff as diffing
 from . import register as registering
@@ -37,6 +49,7 @@ from .views import (
     ExpertVersionView,
     ExpertView,
     GoldenSetView,
+    LoggedAnswer,
     OutcomeRecord,
     RatingState,
     RegisterResult,
@@ -288,3 +301,18 @@ class Registry:
     def experiment_outcomes(self, experiment_id: int) -> list[OutcomeRecord]:
         """Outcomes whose request was logged under the experiment, in insertion order."""
         return request_log.experiment_outcomes(self.engine, experiment_id)
+
+    # ------------------------------------------------------------------------------ request content
+
+    def logged_answers(self, expert: str, experiment_id: int | None = None) -> list[LoggedAnswer]:
+        """Rated, answered requests of `expert` (or of one experiment's arms) with their standing rating
+        and their content where `moea serve --log-content` stored it."""
+        return request_content.logged_answers(self.engine, expert, experiment_id)
+
+    def purge_content(self, before: datetime) -> int:
+        """Delete stored request content logged before `before` (request rows stay); returns the count."""
+        return request_content.purge_content(self.engine, before)
+
+    def count_content(self) -> int:
+        """How many requests have content stored."""
+        return request_content.count_content(self.engine)

@@ -165,6 +165,15 @@ class RequestRecord:
     shadow: bool = False
     key_name: str | None = None
     """Name of the API key that made the request (the gateway's `--api-key NAME:KEY`), never the key."""
+    messages: Any = None
+    """With `moea serve --log-content` only: the client's messages as sent (for /v1/completions the
+    prompt), stored in the ``request_content`` table with `answer`. None: no content is stored."""
+    answer: str | None = None
+    """With `messages`: the answer text (first choice; assembled from the stream of a streamed answer)."""
+
+
+CONTENT_FIELDS = ("messages", "answer")
+"""The RequestRecord fields that go to the ``request_content`` table, not to ``requests``."""
 
 
 @dataclass
@@ -235,3 +244,26 @@ class EvalScoreView:
     """The first rows: ``{"messages": [...], "answer": str, "max_tokens": int}`` (greedy answers)."""
     settings: dict[str, Any]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class LoggedAnswer:
+    """One logged, answered request of an expert with the rating that stands and its content (when
+    `moea serve --log-content` stored it); what `moea feedback export` pairs up."""
+
+    request_id: str
+    created_at: datetime
+    expert: str
+    version: int | None
+    experiment_id: int | None
+    user: str | None
+    reward: float | None
+    thumbs: bool | None
+    """The standing rating (the latest outcome of the request)."""
+    messages: Any = None
+    """The client's messages (None: no content logged, or purged)."""
+    answer: str | None = None
+
+    @property
+    def has_content(self) -> bool:
+        return self.messages is not None and self.answer is not None

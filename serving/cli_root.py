@@ -1,8 +1,9 @@
 """The `moea` command line root: the one module that composes every package's commands.
 
 It sits above every package (registry <- moe_adapters <- serving <- this module): each package owns
-its own command file (`moe_adapters/cli.py`, `moe_adapters/eval_cli.py`, `moe_adapters/export_cli.py`, `registry/cli.py`,
-`serving/cli.py`, `serving/ab/cli.py`, `serving/demo.py`) and this module only mounts them. Console
+its own command file (`moe_adapters/cli.py`, `moe_adapters/eval_cli.py`, `moe_adapters/export_cli.py`,
+`moe_adapters/feedback_cli.py`, `registry/cli.py`, `serving/cli.py`, `serving/ab/cli.py`, `serving/demo.py`)
+and this module only mounts them. Console
 entry point `moea`; also `python -m serving.cli_root`.
 """
 
@@ -15,6 +16,7 @@ import click
 from moe_adapters.cli import base_group, train
 from moe_adapters.eval_cli import eval_command
 from moe_adapters.export_cli import export_command
+from moe_adapters.feedback_cli import feedback_group
 from moe_adapters.gate_cli import gated_promote_command
 from registry.cli import register_command, registry_group
 from registry.errors import user_facing_errors
@@ -47,6 +49,7 @@ for _command in (
     ab_group,
     eval_command,
     export_command,
+    feedback_group,
     demo_command,
 ):
     moea.add_command(_command)

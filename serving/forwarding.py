@@ -9,10 +9,15 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 from fastapi.responses import Response, StreamingResponse
 
+from registry.views import RequestRecord
+
+from .content_log import Content
 from .engine import EnginePool, EngineUnavailable, Lease
 from .errors import APIError, unavailable_error
 from .state import Target
@@ -39,6 +44,21 @@ class Exchange:
     """The gateway answered the error itself (counted by the error handler, not as an engine error)."""
     key_name: str | None = None
     """Name of the API key that made the request (request log; who may rate the response)."""
+    content: Content | None = None
+    """The client's messages and the answer text, filled in while relaying (`--log-content` only)."""
+
+    def request_record(self, seconds: float) -> RequestRecord:
+        """The request-log record of this finished exchange (`seconds`: how long it took)."""
+        content: dict[str, Any] = {}
+        if self.content is not None:
+            content = {"messages": self.content.messages, "answer": self.content.answer}
+        return RequestRecord(
+            request_id=self.response_id, created_at=datetime.now(UTC), expert=self.target.expert,
+            version=self.target.version, experiment_id=self.target.experiment_id, user=self.user,
+            routed=self.target.routed, latency_ms=seconds * 1000.0, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, status_code=self.status, shadow=self.shadow,
+            key_name=self.key_name, **content,
+        )  # fmt: skip
 
     def response_headers(self) -> dict[str, str]:
         """`x-moea-expert`, `x-request-id` and, inside an experiment, `x-moea-experiment`."""
@@ -128,6 +148,8 @@ class Forwarder:
                 ex.prompt_tokens, ex.completion_tokens = int(match.group(1)), int(match.group(2))
             if match := _ID_RE.search(body):
                 ex.response_id = match.group(1).decode()
+            if ex.content is not None:
+                ex.content.take_body(body)
             body = body.rstrip()[:-1] + b',"moea":' + _moea_json(ex.target) + b"}"
         self.finish(ex)
         return Response(
@@ -168,6 +190,7 @@ class Forwarder:
         maybe dropped)."""
         pending = b""
         first: bytes | None = b'data: {"moea":' + _moea_json(ex.target)
+        delivered = False  # the client has the whole answer (`data: [DONE]`)
         try:
             async for chunk in response.aiter_raw():
                 pending += chunk
@@ -175,18 +198,24 @@ class Forwarder:
                 if cut < 0:
                     continue
                 events, pending = pending[: cut + 2], pending[cut + 2 :]
+                if ex.content is not None:
+                    ex.content.take_events(events)
                 if b'"usage":{' in events and b'"choices":[]' in events:
                     events = take_usage(events, ex, strip_usage)
                 if first is not None and events.startswith(b"data: {"):
                     events, first = first + b"," + events[len(b"data: {") :], None
                 if events:
                     yield events
+                    delivered = b"data: [DONE]" in events  # sent: the client asked for more
             if pending:
                 yield pending
         except httpx.HTTPError:
             ex.status = 503  # engine died mid-stream: the client sees a truncated stream
         except asyncio.CancelledError:
-            ex.status = 499  # client went away
+            # the client went away; once it has read `[DONE]` it may close before the engine's EOF reaches
+            # us (the openai client does): the answer was delivered, so it stays a 200
+            if not delivered:
+                ex.status = 499
             raise
         finally:
             await response.aclose()

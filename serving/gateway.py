@@ -37,11 +37,12 @@ from pydantic import ValidationError as PydanticValidationError
 from moe_adapters.prompting import system_prompt_source, version_prompt_spec
 from registry.errors import ValidationError as RefError
 from registry.models import parse_ref
-from registry.views import OutcomeRecord, RequestRecord
+from registry.views import OutcomeRecord
 
 from .ab.assign import assign_arm
 from .auth import ApiKey, KeyRing, require
 from .base_lora import BaseLoraGuard
+from .content_log import Content, capture_content
 from .engine import EnginePool
 from .errors import APIError, unavailable_error, validation_error
 from .feedback import FeedbackBook
@@ -332,7 +333,8 @@ class Gateway:
             upstream["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         content = json.dumps(upstream, separators=(",", ":")).encode()
         key_name = key.name if key is not None else None
-        exchange = Exchange(endpoint, target, user, id_prefix + request_id, started, key_name=key_name)
+        exchange = Exchange(endpoint, target, user, id_prefix + request_id, started, key_name=key_name,
+                            content=capture_content(self.config.log_content, endpoint, data))  # fmt: skip
         try:
             lease = await self.forwarder.lease(adapter, adapter_path)
             self.metrics.overhead.labels(endpoint).observe(time.perf_counter() - started)
@@ -363,23 +365,7 @@ class Gateway:
         if not ex.shadow:
             self.feedback_book.issued(ex.response_id, ex.key_name)
         if self.request_log is not None:
-            self.request_log.submit_request(
-                RequestRecord(
-                    request_id=ex.response_id,
-                    created_at=datetime.now(UTC),
-                    expert=ex.target.expert,
-                    version=ex.target.version,
-                    experiment_id=ex.target.experiment_id,
-                    user=ex.user,
-                    routed=ex.target.routed,
-                    latency_ms=seconds * 1000.0,
-                    prompt_tokens=ex.prompt_tokens,
-                    completion_tokens=ex.completion_tokens,
-                    status_code=ex.status,
-                    shadow=ex.shadow,
-                    key_name=ex.key_name,
-                )
-            )
+            self.request_log.submit_request(ex.request_record(seconds))
 
     # ---- shadow traffic ------------------------------------------------------------------------------
     def _spawn_shadow(
@@ -399,22 +385,23 @@ class Gateway:
             prompt=version_prompt_spec(view) if view is not None else None,
         )
         body = json.dumps(upstream_body(data, shadow, shadow.adapter or ""), separators=(",", ":")).encode()
-        task = asyncio.create_task(self._shadow(endpoint, shadow, user, body, key_name))
+        content = capture_content(self.config.log_content, endpoint, data)
+        task = asyncio.create_task(self._shadow(endpoint, shadow, user, body, key_name, content))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _shadow(
-        self, endpoint: str, target: Target, user: str | None, content: bytes, key_name: str | None
-    ) -> None:
+        self, endpoint: str, target: Target, user: str | None, body: bytes, key_name: str | None,
+        content: Content | None,
+    ) -> None:  # fmt: skip
         async with self._shadow_slots:
             request_id = uuid.uuid4().hex
             started = time.perf_counter()
-            ex = Exchange(
-                endpoint, target, user, f"shadow-{request_id}", started, shadow=True, key_name=key_name
-            )
+            ex = Exchange(endpoint, target, user, f"shadow-{request_id}", started, shadow=True,
+                          key_name=key_name, content=content)  # fmt: skip
             try:
                 lease = await self.forwarder.lease(target.adapter, await self.adapter_path(target))
-                await self.forwarder.forward(lease, _ENDPOINTS[endpoint][0], content, request_id, ex)
+                await self.forwarder.forward(lease, _ENDPOINTS[endpoint][0], body, request_id, ex)
             except APIError as error:  # shadows are best effort: logged, never retried
                 ex.status, ex.gateway_error = error.status, True
                 self._finish(ex)

@@ -25,7 +25,9 @@ Nothing lost:
 Records are dropped, and counted, only when the spool is over ``max_spool_bytes`` (``spool_full``), the
 spool cannot be written (``spool_error``: disk full, folder gone), after :meth:`~RequestLogWriter.close`
 (``closed``), when the database refuses one record for good (``rejected``: a constraint or value error,
-never an outage) or when a line was damaged on disk (``damaged``). Rejected and damaged lines are copied
+never an outage) or when a line was damaged on disk (``damaged``). The content of a request
+(``--log-content``) that would make its spool line longer than ``MAX_LINE_BYTES`` (1 MiB) is dropped and
+counted as ``content:too_large``; the request itself is logged. Rejected and damaged lines are copied
 to ``rejected.log`` in the spool directory. A clean :meth:`~RequestLogWriter.close` drains the spool and
 deletes this process's files; when the database is still down at the close timeout, they stay for the
 next writer. Counts are in :meth:`RequestLogWriter.stats` and Prometheus series ``moea_request_log_*``
@@ -47,6 +49,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from .request_spool import (
+    MAX_LINE_BYTES,
     SUFFIX,
     Batch,
     RecordKind,
@@ -216,6 +219,11 @@ class RequestLogWriter:
     def _submit(self, kind: RecordKind, record: Any) -> bool:
         try:
             line = encode(kind, record)
+            if len(line) > MAX_LINE_BYTES and getattr(record, "messages", None) is not None:
+                # log the request without its content rather than a line the reader would call damaged
+                line = encode(kind, replace(record, messages=None, answer=None))
+                with self._lock:
+                    self._count_drop("content", "too_large", 1)
             with self._lock:  # under the lock no record slips in after close
                 if self._closed:
                     self._count_drop(kind, "closed", 1)

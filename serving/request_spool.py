@@ -28,9 +28,10 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from registry.local import moea_home
-from registry.views import OutcomeRecord, RequestRecord
+from registry.views import CONTENT_FIELDS, OutcomeRecord, RequestRecord
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "SUFFIX",
     "Segment",
     "WriterMetrics",
@@ -43,6 +44,9 @@ __all__ = [
 
 SUFFIX = ".spool"
 READ_CHUNK = 1 << 20
+MAX_LINE_BYTES = READ_CHUNK
+"""Longest spool line the reader takes (a longer one reads as damaged): the writer spools a request whose
+logged content would make it longer without the content."""
 RecordKind = Literal["request", "outcome"]
 _TYPES: dict[str, type] = {"request": RequestRecord, "outcome": OutcomeRecord}
 
@@ -141,7 +145,9 @@ class WriterStats:
 
 def encode(kind: RecordKind, record: Any) -> bytes:
     """One spool line for a RequestRecord/OutcomeRecord."""
-    fields = dict(record.__dict__)  # the records' fields are flat: no deep copy (asdict) needed
+    # the records' fields are flat (content: plain JSON values): no deep copy (asdict) needed; no content
+    # logged → no content keys, so the lines stay as they were without `--log-content`
+    fields = {k: v for k, v in record.__dict__.items() if v is not None or k not in CONTENT_FIELDS}
     fields["created_at"] = record.created_at.isoformat()
     payload = json.dumps({"k": kind, "r": fields}, separators=(",", ":")).encode()
     return b"%08x %s\n" % (zlib.crc32(payload), payload)

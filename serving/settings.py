@@ -110,6 +110,15 @@ class ServeSettings:
         type=click.Path(file_okay=False, path_type=Path),
     )
     max_body_bytes: int = _setting(1_048_576, "Largest request body.", show_default=True)
+    log_content: bool = _setting(
+        False,
+        "Store each request's client messages (for /v1/completions the prompt) and the answer text "
+        "(first choice; streamed answers assembled) with its request-log row, in the registry table "
+        "request_content, for `moea feedback export`. Off: only metadata is logged. Delete stored content "
+        "with `moea registry purge-content --before DATE`.",
+        flag=True,
+        show_default=True,
+    )
     cpu_lora_kernel: bool = _setting(
         True,
         "CPU engines started here use moea's multi-LoRA kernel (serving/cpu_lora.py): vLLM's own CPU ops "
@@ -199,6 +208,9 @@ class GatewayConfig:
     batches that mix base and LoRA requests (the base rows get a LoRA applied). Costs one LoRA slot
     (counts toward --max-loras / --max-cpu-loras)."""
 
+    log_content: bool = ServeSettings.log_content
+    """Store client messages and answer text with each request-log row (`moea serve --log-content`)."""
+
     @classmethod
     def from_serve(cls, serve: ServeSettings, *, base_name: str, api_keys: tuple[str, ...]) -> GatewayConfig:
         """The gateway part of `serve`; `api_keys` are the keys after adding MOEA_API_KEYS."""
@@ -210,4 +222,5 @@ class GatewayConfig:
             router_device=serve.router_device,
             router_compile=serve.router_compile,
             base_lora_guard=serve.base_lora_guard,
+            log_content=serve.log_content,
         )

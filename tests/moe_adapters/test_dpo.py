@@ -104,7 +104,10 @@ def _train(*args: str) -> Any:
     [
         (["--dpo", str(PREFS)], "--dpo needs --from NAME@ALIAS"),
         (["--from", "sentiment@prod"], "--from and --dpo-heldout need --dpo"),
-        (["--dpo", str(PREFS), "--from", "sentiment@prod", "--resume"], "drop --resume and --single-adapter"),
+        (
+            ["--dpo", str(PREFS), "--from", "sentiment@prod", "--resume"],
+            "drop --resume, --single-adapter and --sweep",
+        ),
     ],
 )
 def test_option_misuse_is_a_usage_error(tmp_path: Path, args: list[str], message: str) -> None:

@@ -525,3 +525,55 @@ def test_identity_lora_is_a_zeroed_copy(serving_assets: ServingAssets, tmp_path:
     assert [path.name for path in tmp_path.iterdir()] == [out.name]  # no staging leftovers
     with pytest.raises(EngineError, match="no-base-lora-guard"):
         write_identity_lora(tmp_path / "missing", tmp_path)
+
+
+def test_log_content_stores_what_the_real_engine_answered_plain_and_streamed(env: Env, tmp_path: Any) -> None:
+    """`--log-content` on a second gateway sharing the module's vLLM: the stored answer is the text the client
+    got, and the greedy answer assembled from the stream is the same text as the plain one."""
+    from registry.service import Registry
+    from serving.app import create_app
+    from serving.engine import EnginePool
+    from serving.gateway import Gateway
+    from serving.request_log import RequestLogWriter
+    from serving.settings import GatewayConfig
+
+    from .conftest import GatewayThread
+
+    engine_url = env.http.get("/health").json()["engines"][0]["url"]
+    registry = Registry(env.registry.url, env.registry.store.root)
+    pool = EnginePool(httpx.AsyncClient(), urls=(engine_url,), capacity=4)
+    writer = RequestLogWriter(registry, tmp_path / "spool", flush_interval_s=0.2)
+    gateway = Gateway(GatewayConfig(base_name=BASE, log_content=True), registry, pool, request_log=writer)
+    thread = GatewayThread(create_app(gateway))
+    messages = [{"role": "user", "content": math_prompt(random.Random(7))}]
+    try:
+        client = openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        plain = client.chat.completions.create(
+            model="math@1", messages=messages, max_tokens=12, temperature=0
+        )  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(
+            model="math@1",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        stream_id = raw.headers["x-request-id"]
+    finally:
+        thread.stop()  # drains the request log
+    try:
+        text = plain.choices[0].message.content
+        assert text and streamed == text, (text, streamed)
+        with registry.engine.connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT c.request_id, c.messages, c.answer, r.status_code FROM request_content c "
+                "JOIN requests r ON r.request_id = c.request_id AND r.shadow = c.shadow "
+                f"WHERE c.request_id IN ('{plain.id}', '{stream_id}')"
+            ).all()
+        assert {row[0]: (json.loads(row[1]), row[2], row[3]) for row in rows} == {
+            plain.id: (messages, text, 200),
+            stream_id: (messages, text, 200),
+        }
+    finally:
+        registry.close()

@@ -32,15 +32,19 @@ from .registry_fixtures import make_run_dir
 BASE = "SmolLM2-135M-Instruct"  # the base_model_name make_run_dir writes
 
 
-def start_gateway(engine_url: str, registry_url: str, store: Path, spool: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(
+    engine_url: str, registry_url: str, store: Path, spool: Path, log: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
     """`moea serve` against the fake engine, in its own process group; returns it and its URL once ready."""
     port = free_port()
     command = [
         sys.executable, "-m", "serving.cli_root", "serve", "--engine-url", engine_url,
         "--registry-url", registry_url, "--store-dir", str(store), "--spool-dir", str(spool),
-        "--port", str(port), "--no-base-lora-guard", "--no-router-compile", "--log-level", "warning",
+        "--port", str(port), "--no-base-lora-guard", "--no-router-compile", "--log-level", "warning", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -65,12 +69,16 @@ def engine() -> Iterator[str]:
         thread.stop()
 
 
-def test_kill_9_of_the_gateway_loses_no_answered_request(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_content", [False, True], ids=["metadata", "log-content"])
+def test_kill_9_of_the_gateway_loses_no_answered_request(
+    engine: str, tmp_path: Path, log_content: bool
+) -> None:
     registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(registry_url, tmp_path / "store")
     registry.register_run(make_run_dir(tmp_path, ["summarize"], 1))
     spool, log = tmp_path / "spool", tmp_path / "gateway.log"
-    first, url = start_gateway(engine, registry_url, tmp_path / "store", spool, log)
+    extra = ("--log-content",) if log_content else ()
+    first, url = start_gateway(engine, registry_url, tmp_path / "store", spool, log, *extra)
     answered: list[str] = []
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -84,10 +92,12 @@ def test_kill_9_of_the_gateway_loses_no_answered_request(engine: str, tmp_path: 
         first.wait()
     logged_at_kill = {r.request_id for r in _logged(registry, answered)}
 
-    second, _ = start_gateway(engine, registry_url, tmp_path / "store", spool, log)
+    second, _ = start_gateway(engine, registry_url, tmp_path / "store", spool, log, *extra)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len({r.request_id for r in _logged(registry, answered)}) < len(answered):
+        while time.monotonic() < deadline and len({r.request_id for r in _logged(registry, answered)}) < len(
+            answered
+        ):
             time.sleep(0.5)
     finally:
         second.send_signal(signal.SIGTERM)
@@ -97,6 +107,10 @@ def test_kill_9_of_the_gateway_loses_no_answered_request(engine: str, tmp_path: 
     assert sorted(ids) == sorted(answered), f"{len(set(ids))} of {len(answered)} answered requests logged"
     assert len(ids) == len(set(ids)), "a request was logged twice"
     print(f"logged when killed: {len(logged_at_kill)} of {len(answered)}; after the restart: {len(ids)}")
+    content = _content(registry)  # with --log-content each answer's content is stored exactly once too
+    assert sorted(content) == (sorted(answered) if log_content else [])
+    for index, request_id in enumerate(answered if log_content else []):
+        assert content[request_id] == ([{"role": "user", "content": f"hi {index}"}], "hello from summarize@1")
     registry.close()
 
 
@@ -108,3 +122,15 @@ def _logged(registry: Registry, request_ids: list[str]) -> list[Any]:
     with registry.engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT request_id FROM requests WHERE shadow = 0")).all()
     return [row for row in rows if row.request_id in wanted]
+
+
+def _content(registry: Registry) -> dict[str, tuple[Any, str]]:
+    """request_id → (messages, answer) of every stored request content; fails when an id is stored twice."""
+    import json
+
+    import sqlalchemy as sa
+
+    with registry.engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT request_id, messages, answer FROM request_content")).all()
+    assert len(rows) == len({row.request_id for row in rows}), "content stored twice"
+    return {row.request_id: (json.loads(row.messages), row.answer) for row in rows}

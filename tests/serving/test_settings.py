@@ -56,6 +56,7 @@ def test_option_defaults_are_the_setting_defaults(monkeypatch: pytest.MonkeyPatc
         ("--no-base-lora-guard", ["--no-base-lora-guard"], "base_lora_guard", False),
         ("--engine-log", ["--engine-log", "/tmp/x.log"], "engine_log", Path("/tmp/x.log")),
         ("--max-loras", ["--max-loras", "3"], "max_loras", 3),
+        ("--log-content", ["--log-content"], "log_content", True),
     ],
 )
 def test_options_parse_into_their_field(flag: str, args: list[str], field: str, value: object) -> None:
@@ -67,7 +68,7 @@ def test_engine_and_gateway_settings_are_built_from_serve_settings() -> None:
     serve = ServeSettings(
         dtype="float32", kv_cache_gib=5, cpu_threads_bind="0-3", engine_api_key="ek", engine_args=("--a",),
         startup_timeout=7.0, engine_log=Path("/tmp/e.log"), cpu_lora_kernel=False, max_body_bytes=10,
-        poll_interval=0.5, router_device="cpu", router_compile=False, base_lora_guard=False,
+        poll_interval=0.5, router_device="cpu", router_compile=False, base_lora_guard=False, log_content=True,
     )  # fmt: skip
     engine = EngineSettings.from_serve(
         serve, model="/m", served_name="B", max_loras=3, max_cpu_loras=5, max_lora_rank=16
@@ -80,7 +81,7 @@ def test_engine_and_gateway_settings_are_built_from_serve_settings() -> None:
     config = GatewayConfig.from_serve(serve, base_name="B", api_keys=("k",))
     assert config == GatewayConfig(
         base_name="B", api_keys=("k",), max_body_bytes=10, poll_interval_s=0.5, router_device="cpu",
-        router_compile=False, base_lora_guard=False,
+        router_compile=False, base_lora_guard=False, log_content=True,
     )  # fmt: skip
 
 
@@ -92,8 +93,10 @@ def test_library_defaults_follow_the_serve_defaults() -> None:
         serve.startup_timeout,
         serve.cpu_lora_kernel,
     )
-    assert (config.max_body_bytes, config.poll_interval_s, config.base_lora_guard) == (
+    assert (config.max_body_bytes, config.poll_interval_s, config.base_lora_guard, config.log_content) == (
         serve.max_body_bytes,
         serve.poll_interval,
         serve.base_lora_guard,
+        serve.log_content,
     )
+    assert serve.log_content is False, "content logging is opt-in"
