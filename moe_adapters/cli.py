@@ -14,6 +14,9 @@ from typing import Any
 import click
 import yaml
 
+from registry.cli import registry_url_option, store_dir_option
+from registry.errors import user_facing_errors
+
 from .config import SINGLE_ADAPTER_BUDGETS
 
 
@@ -90,6 +93,31 @@ def base_prepare(base_spec: str | None) -> None:
     "expert's trials train alone with early stopping, the lowest validation loss wins; --out gets the "
     "winners in experts/ plus sweep.json, sweep.md and sweep.png. Rerun with the same --out to continue.",
 )
+@click.option(
+    "--dpo",
+    "dpo_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Preference tuning: continue the --from version's LoRA with DPO on this preference JSONL "
+    "(prompt/messages, chosen, rejected); settings in the mixture's dpo: section. Writes a run dir with "
+    "that one expert.",
+)
+@click.option(
+    "--from",
+    "from_ref",
+    default=None,
+    metavar="NAME@ALIAS|NAME@VERSION",
+    help="With --dpo: the registered version to start from; it is also the frozen DPO reference.",
+)
+@click.option(
+    "--dpo-heldout",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --dpo: preference pairs never trained on; metrics.json reports their preference accuracy "
+    "before and after.",
+)
+@registry_url_option
+@store_dir_option
 def train(
     mixture: Path,
     out_dir: Path,
@@ -98,8 +126,32 @@ def train(
     budget: str,
     overrides: tuple[str, ...],
     sweep_path: Path | None,
+    dpo_file: Path | None,
+    from_ref: str | None,
+    dpo_heldout: Path | None,
+    registry_url: str | None,
+    store_dir: Path | None,
 ) -> None:
-    """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir."""
+    """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir; with --dpo, tune one
+    registered expert on preference pairs instead."""
+    if dpo_file is not None or from_ref is not None or dpo_heldout is not None:
+        _check_dpo_options(dpo_file, from_ref, resume or single_adapter or sweep_path is not None)
+        from .dpo import train_dpo
+
+        assert dpo_file is not None and from_ref is not None
+        with user_facing_errors():  # bad pairs, an unknown --from ref: `Error: …`, exit 1, nothing written
+            run_dir = train_dpo(
+                mixture,
+                out_dir,
+                dpo_file,
+                from_ref,
+                heldout_path=dpo_heldout,
+                registry_url=registry_url,
+                store_dir=store_dir,
+                overrides=_parse_overrides(overrides),
+            )
+        click.echo(f"run dir: {run_dir}")
+        return
     from .train import train_mixture
 
     if sweep_path is not None:
@@ -122,3 +174,17 @@ def train(
         overrides=_parse_overrides(overrides),
     )
     click.echo(f"run dir: {run_dir}")
+
+
+def _check_dpo_options(dpo_file: Path | None, from_ref: str | None, other_mode: bool) -> None:
+    """--dpo needs --from (and the reverse); it does not combine with --resume, --single-adapter or --sweep."""
+    if dpo_file is None:
+        raise click.UsageError("--from and --dpo-heldout need --dpo PREFS.jsonl (the preference pairs)")
+    if from_ref is None:
+        raise click.UsageError(
+            "--dpo needs --from NAME@ALIAS (e.g. --from sentiment@prod): the registered version to tune"
+        )
+    if other_mode:
+        raise click.UsageError(
+            "--dpo tunes one registered expert: drop --resume, --single-adapter and --sweep"
+        )

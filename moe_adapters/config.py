@@ -273,6 +273,23 @@ class RouterSettings:
 
 
 @dataclass
+class DpoSettings:
+    """Preference tuning (``moea train --dpo PREFS --from NAME@ALIAS``, :mod:`moe_adapters.dpo`): TRL's
+    ``DPOTrainer`` continues a registered expert's LoRA, with that version frozen as the reference."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference (DPO's β): smaller lets the expert move further."""
+    lr: float = 5e-5
+    """Peak learning rate of the LoRA weights (linear decay to 0 over ``max_steps``)."""
+    max_steps: int = 50
+    """Optimizer steps (the pairs are cycled through as often as needed)."""
+    batch_size: int = 4
+    """Preference pairs per step."""
+    max_length: int = 256
+    """Longest prompt + answer in tokens after chat templating; a pair over it is an error (file:line)."""
+
+
+@dataclass
 class MixtureConfig:
     """A whole training run: base model, tasks and all settings."""
 
@@ -292,6 +309,8 @@ class MixtureConfig:
     """Optimization."""
     router: RouterSettings = field(default_factory=RouterSettings)
     """Router training."""
+    dpo: DpoSettings = field(default_factory=DpoSettings)
+    """Preference tuning of one registered expert (used only by ``moea train --dpo``)."""
     ood_test_file: Path | None = None
     """Prompts that no task covers (chit-chat, other languages; a ``prompt`` column), relative to the YAML,
     e.g. ``examples/ood_prompts.jsonl``: ``moea eval`` reports the share the router leaves to the base model."""

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from moe_adapters.config import SHARED_ADAPTER, DatasetSource, MixtureConfig, TrainConfig
+from moe_adapters.config import SHARED_ADAPTER, DatasetSource, DpoSettings, MixtureConfig, TrainConfig
 from moe_adapters.config_paths import DATA_SUFFIXES, PACKAGED_BUILDERS, saved_dataset_kind
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -151,6 +151,7 @@ def validate_mixture(config: MixtureConfig) -> list[str]:
             f"tasks: {SHARED_ADAPTER!r} names the shared adapter of train.shared_steps; rename that task"
         )
     errors += _validate_router(config)
+    errors += _validate_dpo(config.dpo)
     lr = config.train.lr
     if not errors and not RECOMMENDED_LR[0] <= lr <= RECOMMENDED_LR[1]:
         warnings.warn(
@@ -300,4 +301,18 @@ def _validate_train(tr: TrainConfig) -> list[str]:
             "train.keep_if_better: compares each expert with the shared adapter, so it needs "
             "train.shared_steps > 0 (e.g. a third of train.max_steps)"
         )
+    return errors
+
+
+def _validate_dpo(dpo: DpoSettings) -> list[str]:
+    errors = [
+        f"dpo.{name}: must be > 0, got {getattr(dpo, name)}"
+        for name in ("beta", "lr")
+        if getattr(dpo, name) <= 0
+    ]
+    errors += [
+        f"dpo.{name}: must be >= 1, got {getattr(dpo, name)}"
+        for name in ("max_steps", "batch_size", "max_length")
+        if getattr(dpo, name) < 1
+    ]
     return errors

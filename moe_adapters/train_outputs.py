@@ -29,14 +29,22 @@ RUN_FORMAT_VERSION = 1
 
 def save_expert(trainer: Trainer, expert: ExpertState, folder: Path, base_path: str) -> None:
     """Write the expert's best weights as a standard PEFT adapter directly in ``folder`` (atomic)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import set_peft_model_state_dict
 
     if expert.best_state is not None:
         set_peft_model_state_dict(trainer.model, expert.best_state, adapter_name=expert.adapter)
+    write_adapter_folder(trainer.model, expert.adapter, folder, base_path)
+
+
+def write_adapter_folder(model: Any, adapter: str, folder: Path, base_path: str) -> None:
+    """Write adapter ``adapter`` of PEFT ``model`` as a standard PEFT adapter directly in ``folder``
+    (atomic: a temp folder renamed into place)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     # PEFT's save_pretrained nests non-default adapters in sub-folders; write the two files ourselves.
-    weights = get_peft_model_state_dict(trainer.model, adapter_name=expert.adapter)
-    lora_config = copy.deepcopy(trainer.model.peft_config[expert.adapter])
+    weights = get_peft_model_state_dict(model, adapter_name=adapter)
+    lora_config = copy.deepcopy(model.peft_config[adapter])
     lora_config.base_model_name_or_path = base_path
     lora_config.inference_mode = True
     folder.parent.mkdir(parents=True, exist_ok=True)

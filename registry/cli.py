@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import user_facing_errors
+from .lineage import lineage_line, parent_label
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Pipes and CI logs get wide tables instead of rich's 80-column default.
@@ -150,14 +151,21 @@ def show_command(name: str, as_json: bool, registry_url: str | None, store_dir: 
             ", ".join(v.aliases) or "-",
             _metrics(v.metrics),
             _eval_score(v.metrics.get("eval_score")),
-            str(v.parent_version or "-"),
+            parent_label(v),
             (v.git_commit or "-")[:10],
             _when(v.created_at),
             v.created_by or "-",
             "archived" if v.archived else "live",
         )
     console.print(table)
+    _print_lineage(versions)
     _print_golden(reg, name)
+
+
+def _print_lineage(versions: list[Any]) -> None:
+    """One line per version trained from another (`moea train --dpo`): parent and preference data."""
+    for line in filter(None, map(lineage_line, versions)):
+        console.print(f"lineage: {line}", highlight=False, soft_wrap=True)
 
 
 def _eval_score(score: Any) -> str:
@@ -242,8 +250,9 @@ def rollback_command(
 @click.option("--alias", default=None, help="Only this alias.")
 @_common
 def history_command(name: str, alias: str | None, registry_url: str | None, store_dir: Path | None) -> None:
-    """The append-only alias history of NAME."""
-    events = _open(registry_url, store_dir).history(name, alias)
+    """The append-only alias history of NAME, then the lineage of its versions trained from another."""
+    reg = _open(registry_url, store_dir)
+    events = reg.history(name, alias)
     table = Table(title=f"{name} alias history")
     for column in ("when", "alias", "action", "from", "to", "actor", "reason"):
         table.add_column(column)
@@ -258,6 +267,7 @@ def history_command(name: str, alias: str | None, registry_url: str | None, stor
             e.reason or "",
         )
     console.print(table if events else f"{name}: no alias was ever set")
+    _print_lineage(reg.list_versions(name) if events else [])
 
 
 @registry_group.command("archive")

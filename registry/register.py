@@ -134,6 +134,7 @@ def _insert_version(
     now = utcnow()
     expert_row = _upsert_expert(session, plan, expert, now)
     latest = latest_version_number(session, expert_row.id)
+    parent = _recorded_parent(session, expert_row, expert) if expert.lineage else latest
     artifact = artifact_row(session, tree, "expert")
     row = ExpertVersion(
         expert_id=expert_row.id,
@@ -149,13 +150,31 @@ def _insert_version(
         run_dir=str(plan.run_dir),
         mixture_sha256=plan.mixture_sha256,
         git_commit=plan.git_commit,
-        parent_version=latest,
+        parent_version=parent,
         created_at=now,
         created_by=actor,
     )
     session.add(row)
     session.flush()
     return row, expert_row
+
+
+def _recorded_parent(session: Session, expert_row: Expert, expert: ExpertPlan) -> int:
+    """The parent version a derived run recorded (registry/lineage.py); it must be a version of this expert
+    in this registry (a run trained from another registry cannot claim a parent here)."""
+    assert expert.lineage is not None
+    parent = int(expert.lineage["parent_version"])
+    exists = session.exec(
+        select(ExpertVersion.id).where(
+            ExpertVersion.expert_id == expert_row.id, ExpertVersion.version == parent
+        )
+    ).first()
+    if expert_row.id is None or exists is None:
+        raise ValidationError(
+            f"run dir says {expert.name} was trained from {expert.name}@{parent}, which this registry does not "
+            "have; register it into the registry its --from version came from"
+        )
+    return parent
 
 
 def _insert_router(

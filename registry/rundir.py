@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ValidationError
+from .lineage import LINEAGE_KEY, read_lineage
 from .models import validate_name
 
 RUN_FORMAT_VERSION = 1
@@ -25,6 +26,8 @@ class ExpertPlan:
     description: str
     metrics: dict[str, Any]
     config: dict[str, Any]
+    lineage: dict[str, Any] | None = None
+    """The version this one was trained from (``moea train --dpo``; registry/lineage.py); None: none."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ def _expert_plan(
         raise ValidationError(
             f"{folder} has no adapter_model.safetensors; the adapter was not saved completely"
         )
+    lineage = read_lineage(run.get(LINEAGE_KEY), name, str(folder.parent.parent / "run.json"))
+    config = {"adapter": adapter_config, "task": task, "base_model_name": run.get("base_model_name")}
     return ExpertPlan(
         name=name,
         folder=folder,
@@ -169,5 +174,6 @@ def _expert_plan(
         system_prompt=task.get("system_prompt"),
         description=str(task.get("description") or ""),
         metrics=_task_metrics(name, metrics, evaluation),
-        config={"adapter": adapter_config, "task": task, "base_model_name": run.get("base_model_name")},
+        config={**config, LINEAGE_KEY: lineage} if lineage else config,
+        lineage=lineage,
     )

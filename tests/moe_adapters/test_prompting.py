@@ -1,5 +1,5 @@
-"""The one prompt rule: policies as a case table, and training, `moea eval` and the gateway building the
-same model input for the same client messages (the test fails when any of the three drifts)."""
+"""The one prompt rule: policies as a case table, and training, DPO, `moea eval` and the gateway building the
+same model input for the same client messages (the test fails when any of them drifts)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     from transformers import AutoTokenizer
 
     from moe_adapters.data import Row, tokenize_rows
+    from moe_adapters.dpo_data import answer_token_ids
     from moe_adapters.eval_plan import request_prompt_ids
     from moe_adapters.eval_types import EvalCase
     from serving.state import Target, upstream_body
@@ -80,5 +81,8 @@ def test_training_eval_and_gateway_build_the_same_input(policy, client):
     _, (example,) = tokenize_rows([Row("Hello", "Hi", "x", history)], tokenizer, 256, [], spec=spec)
     trained_prompt = example.input_ids[: example.labels.index(next(x for x in example.labels if x != -100))]
 
-    assert eval_ids == served_ids == trained_prompt
+    # DPO (moea train --dpo): the prompt of a preference pair with the same client messages.
+    dpo_ids, _ = answer_token_ids(tokenizer, [dict(m) for m in client], "Hi", spec, [])
+
+    assert eval_ids == served_ids == trained_prompt == dpo_ids
     assert (EXPERT in served) == (policy == "prepend" or client == [USER])

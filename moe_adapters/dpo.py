@@ -1,0 +1,281 @@
+"""Preference tuning: ``moea train MIXTURE --dpo PREFS --from NAME@prod --out RUN``.
+
+Continues a registered expert version's LoRA with TRL's ``DPOTrainer``. The reference is that starting
+version, frozen: the version's adapter is loaded as the trainable ``default`` adapter of a PEFT model and
+TRL copies it into a second, frozen adapter ``ref`` (``DPOTrainer`` does this for a PEFT model with a
+pretrained adapter and no ``ref_model``), so the reference is the starting version, not the bare base.
+
+Everything is checked before anything is written: the mixture (its ``dpo:`` section), the preference
+file(s) (:func:`moe_adapters.preferences.read_preferences`, line-numbered errors), the ``--from`` ref
+(through the registry), the base model (same weights as the version's) and every pair's length. Prompts
+are rendered by :mod:`moe_adapters.dpo_data` with the version's system prompt and prompt policy, as
+training, ``moea eval`` and the gateway render them.
+
+The run dir is an ordinary one with one expert (``experts/NAME``, ``metrics.json``, ``mixture.yaml``,
+``run.json`` last); ``run.json``'s ``lineage`` records the parent version and the preference file's
+sha256, which ``moea register`` stores with the new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
+from moe_adapters.checkpoint import check_out_dir
+from moe_adapters.config import MixtureConfig
+from moe_adapters.config_load import load_mixture, mixture_yaml
+from moe_adapters.dpo_data import PairTokens, tokenize_pairs
+from moe_adapters.dpo_eval import preference_accuracy, score_pairs
+from moe_adapters.hardware import choose_num_threads, pick_device, threads_reason
+from moe_adapters.preferences import preference_file_sha256, read_preferences
+from moe_adapters.prompting import version_prompt_spec
+from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
+from moe_adapters.train import _load_tokenizer
+from moe_adapters.train_outputs import RUN_FORMAT_VERSION, _git_commit, write_adapter_folder
+from moe_adapters.train_state import TrainError
+
+LINEAGE_METHOD = "dpo"
+"""``run.json`` ``lineage[NAME].method`` of a DPO-trained expert."""
+
+
+class DpoError(TrainError):
+    """A DPO run cannot start (bad --from version, base mismatch); one line, nothing written."""
+
+
+def train_dpo(
+    mixture_path: Path,
+    out_dir: Path,
+    preferences_path: Path,
+    from_ref: str,
+    *,
+    heldout_path: Path | None = None,
+    registry_url: str | None = None,
+    store_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train registered version ``from_ref`` with DPO on ``preferences_path`` into run dir ``out_dir``.
+
+    ``heldout_path``: preference pairs never trained on; the run reports their preference accuracy before
+    and after (``metrics.json`` ``dpo.heldout``). Settings come from the mixture's ``dpo:`` section and
+    ``train.num_threads`` / ``train.seed`` / ``train.gradient_checkpointing``.
+    """
+    wall_start = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_out_dir(out_dir, resume=False)
+    config = load_mixture(mixture_path, overrides)
+    pairs = read_preferences(preferences_path)
+    preferences_sha256 = preference_file_sha256(preferences_path)  # hashed as read, before training
+    heldout = read_preferences(heldout_path) if heldout_path is not None else None
+    view, adapter_dir = _resolve_version(from_ref, registry_url, store_dir)
+    base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
+    _check_same_base(view, base_path)
+    tokenizer = _load_tokenizer(base_path)
+    spec = version_prompt_spec(view)
+    train_tokens = tokenize_pairs(pairs, tokenizer, spec, config.dpo.max_length)
+    heldout_tokens = tokenize_pairs(heldout, tokenizer, spec, config.dpo.max_length) if heldout else None
+    # Everything is checked: from here on the run dir is written.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mixture_text = mixture_yaml(config)
+    (out_dir / "mixture.yaml").write_text(mixture_text)
+    torch.set_num_threads(choose_num_threads(config.train.num_threads))
+    if progress:
+        reason = threads_reason(config.train.num_threads)
+        print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
+    torch.manual_seed(config.train.seed)
+    model = load_policy(base_path, adapter_dir)
+    metrics = train_and_measure(model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress)
+    write_adapter_folder(model, "default", out_dir / "experts" / view.name, base_path)
+    lineage = lineage_record(from_ref, view.version, preferences_path, preferences_sha256, len(train_tokens))
+    metrics["dpo"]["lineage"] = lineage
+    if metrics["dpo"]["heldout"] is not None:
+        metrics["dpo"]["heldout"]["file"] = str(Path(heldout_path or "").resolve())
+    metrics["train"]["wall_s"] = time.perf_counter() - wall_start
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    run = dpo_run_record(view, config, base_path, mixture_text, lineage)
+    fsync_tree(out_dir)  # run.json is the completion marker: what it vouches for reaches the disk first
+    write_json_atomic(out_dir / RUN_MARKER, run)
+    return out_dir
+
+
+def lineage_record(
+    from_ref: str, parent_version: int, preferences_path: Path, preferences_sha256: str, pairs: int
+) -> dict[str, Any]:
+    """``run.json`` ``lineage[NAME]``: what ``moea register`` records with the new version
+    (``registry/lineage.py`` reads it)."""
+    return {
+        "method": LINEAGE_METHOD,
+        "parent": from_ref,
+        "parent_version": parent_version,
+        "preferences_file": str(Path(preferences_path).resolve()),
+        "preferences_sha256": preferences_sha256,
+        "pairs": pairs,
+    }
+
+
+def train_and_measure(
+    model: Any,
+    tokenizer: Any,
+    train_tokens: list[PairTokens],
+    heldout_tokens: list[PairTokens] | None,
+    config: MixtureConfig,
+    name: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included)."""
+    before = score_pairs(model, heldout_tokens) if heldout_tokens else None
+    step_start = time.perf_counter()
+    log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
+    metrics = dpo_metrics(name, config, log_history, time.perf_counter() - step_start)
+    metrics["dpo"]["heldout"] = None
+    if heldout_tokens and before is not None:
+        after = preference_accuracy(score_pairs(model, heldout_tokens), before, config.dpo.beta)
+        metrics["dpo"]["heldout"] = {"before": preference_accuracy(before), "after": after}
+        metrics["experts"][name]["heldout_reward_accuracy"] = after["reward_accuracy"]  # `registry show`
+    return metrics
+
+
+def _resolve_version(ref: str, registry_url: str | None, store_dir: Path | None) -> tuple[Any, Path]:
+    """The registered version ``ref`` names (any form the registry accepts) and its verified folder."""
+    from registry.service import Registry
+
+    with Registry(registry_url, store_dir) as registry:
+        view = registry.resolve(ref)
+        return view, registry.artifact_path(view)
+
+
+def _check_same_base(view: Any, base_path: str) -> None:
+    """The mixture's base model must be the one the version was trained on (same weights' sha256)."""
+    recorded = view.base_model_sha256
+    if recorded and base_model_sha256(base_path) not in (None, recorded):
+        raise DpoError(
+            f"{view.ref} was trained on base {view.base_model_name or view.base_model} (sha256 {recorded[:12]}…),"
+            f" but the mixture's base_model resolves to {base_path}; set base_model to that base"
+        )
+
+
+def load_policy(base_path: str, adapter_dir: Path) -> Any:
+    """The base model with the version's adapter as the trainable ``default`` adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = pick_device()
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    model.config.use_cache = False
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default", is_trainable=True)
+
+
+def run_dpo(
+    model: Any, tokenizer: Any, pairs: list[PairTokens], config: MixtureConfig, *, progress: bool
+) -> list[dict[str, Any]]:
+    """Train ``model``'s ``default`` adapter with TRL's DPOTrainer against a frozen copy of itself (``ref``);
+    returns TRL's log history (one entry per step)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """Pairs arrive as token ids made by moea's prompt rule (moe_adapters.dpo_data); TRL's own
+        chat-template tokenization must not run again on them."""
+
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            return dataset
+
+    dpo = config.dpo
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    # TRL's Trainer wants an output_dir; nothing is saved there (the adapter is written by moea).
+    with tempfile.TemporaryDirectory(prefix="moea-dpo-") as scratch:
+        args = DPOConfig(
+            output_dir=scratch,
+            max_steps=dpo.max_steps,
+            per_device_train_batch_size=dpo.batch_size,
+            learning_rate=dpo.lr,
+            beta=dpo.beta,
+            max_length=dpo.max_length,
+            gradient_checkpointing=config.train.gradient_checkpointing,
+            use_cpu=on_cpu,
+            bf16=not on_cpu,
+            seed=config.train.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+        )
+        trainer = PretokenizedDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([p.as_row() for p in pairs]),
+            processing_class=tokenizer,
+        )
+        if "ref" not in model.peft_config:  # the frozen reference must be the starting version
+            raise DpoError("TRL did not create the frozen reference adapter 'ref'; check the trl version")
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    model.set_adapter("default")
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def dpo_metrics(
+    name: str, config: MixtureConfig, log_history: list[dict[str, Any]], train_s: float
+) -> dict[str, Any]:
+    """metrics.json of a DPO run: the expert's steps and losses, timing, and the ``dpo`` section."""
+    last = log_history[-1] if log_history else {}
+    tail = log_history[-max(1, min(10, len(log_history))) :]
+
+    def mean(key: str) -> float | None:
+        return sum(e.get(key, 0.0) for e in tail) / len(tail) if tail else None
+
+    return {
+        "experts": {
+            name: {"steps": int(last.get("step", 0)), "final_train_loss": mean("loss"), "method": "dpo"}
+        },
+        "train": {
+            "steps": int(last.get("step", 0)),
+            "step_time_s": train_s,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "dpo": {
+            "beta": config.dpo.beta,
+            "lr": config.dpo.lr,
+            "max_steps": config.dpo.max_steps,
+            "batch_size": config.dpo.batch_size,
+            "max_length": config.dpo.max_length,
+            "final_reward_accuracy": mean("rewards/accuracies"),
+            "final_reward_margin": mean("rewards/margins"),
+            "curve": [
+                {k: e[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins") if k in e}
+                for e in log_history
+            ],
+        },
+    }
+
+
+def dpo_run_record(
+    view: Any, config: MixtureConfig, base_path: str, mixture_text: str, lineage: dict[str, Any]
+) -> dict[str, Any]:
+    """run.json of a DPO run: the version's task record (its prompt settings, unchanged) and the lineage."""
+    task = dict((view.config or {}).get("task") or {})
+    task.update(kind=view.task_kind, system_prompt=view.system_prompt)
+    task.setdefault("prompt_policy", "if-absent")
+    return {
+        "format_version": RUN_FORMAT_VERSION,
+        "base_model": base_path,
+        "base_model_name": DEFAULT_BASE_NAME if config.base_model == "default" else Path(base_path).name,
+        "base_model_sha256": base_model_sha256(base_path),
+        "created_at": datetime.now(UTC).isoformat(),
+        "mixture_sha256": hashlib.sha256(mixture_text.encode()).hexdigest(),
+        "git_commit": _git_commit(),
+        "single_adapter": False,
+        "tasks": {view.name: task},
+        "lineage": {view.name: lineage},
+    }
