@@ -217,3 +217,31 @@ def test_sql_statements_per_page_do_not_grow_with_experts_and_requests(tmp_path:
     finally:
         small.registry.close()
         large.registry.close()
+
+
+def test_the_grafana_dashboard_queries_only_metrics_moea_serve_exports() -> None:
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import GatewayMetrics
+    from serving.request_spool import WriterMetrics
+
+    exported = {family.name for family in GatewayMetrics().registry.collect()}
+    writer = CollectorRegistry()
+    WriterMetrics(writer)
+    exported |= {family.name for family in writer.collect()}
+    dashboard = json.loads((Path(__file__).parents[2] / "examples" / "grafana" / "moea.json").read_text())
+    queried = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bmoea_[a-z_]+", target["expr"])
+    }
+    assert queried and queried <= exported, sorted(queried - exported)
+    assert {
+        "moea_requests",
+        "moea_request_latency_seconds",
+        "moea_router_decisions",
+        "moea_engine_healthy",
+    } <= queried
