@@ -115,7 +115,7 @@ def test_pages_show_experts_and_live_experiment_counts(browser: Any, served: dic
     _shot(page, "experts")
 
     page.goto(f"{base_url}/ui/experiments")
-    page.wait_for_selector("svg.chart polyline")  # the chart drawn from the JSON endpoint
+    page.wait_for_selector("svg.chart polyline", state="attached")  # drawn from the JSON endpoint
     before = _experiment_requests(page)
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=APP, max_retries=0)
     in_experiment = [
