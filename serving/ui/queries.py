@@ -183,9 +183,9 @@ def recent_requests(engine: Engine, limit: int) -> list[RequestRecord]:
 
 
 def _request_record(row: Any) -> RequestRecord:
-    values = dict(zip(_REQUEST_FIELDS, row, strict=True))
-    values["created_at"] = as_utc(values["created_at"])
-    return RequestRecord(**values)
+    # Positional (the columns are the dataclass fields in order): a page may build 10,000s of these.
+    request_id, created_at, *rest = row
+    return RequestRecord(request_id, as_utc(created_at), *rest)
 
 
 def experiments_data(
@@ -215,13 +215,13 @@ def experiments_data(
         .order_by(_OUTCOMES.c.id)
     )
     with engine.connect() as connection:
-        for row in connection.execute(request_query):
-            record = _request_record(row)
-            requests[int(record.experiment_id)].append(record)  # type: ignore[arg-type]
-        for request_id, created_at, reward, thumbs, key_name, experiment_id in connection.execute(
-            outcome_query
-        ):
-            outcomes[int(experiment_id)].append(
-                OutcomeRecord(request_id, as_utc(created_at), reward, thumbs, key_name)  # type: ignore[arg-type]
-            )
+        request_rows = connection.execute(request_query).all()
+        outcome_rows = connection.execute(outcome_query).all()
+    for row in request_rows:
+        record = _request_record(row)
+        requests[int(record.experiment_id)].append(record)  # type: ignore[arg-type]
+    for request_id, created_at, reward, thumbs, key_name, experiment_id in outcome_rows:
+        outcomes[int(experiment_id)].append(
+            OutcomeRecord(request_id, as_utc(created_at), reward, thumbs, key_name)  # type: ignore[arg-type]
+        )
     return requests, outcomes
