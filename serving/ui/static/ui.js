@@ -57,6 +57,7 @@
       }
     });
     const setTop = (field, text) => { const c = section.querySelector(`[data-field="${field}"]`); if (c) c.textContent = text; };
+    setTop("unit", report.unit);
     setTop("decision", report.recommendation.decision);
     setTop("recommendation", report.recommendation.text);
     setTop("srm", `${report.srm.flagged ? "MISMATCH" : "ok"} (χ² ${fmt(report.srm.chi2, 2)}, p ${fmt(report.srm.p_value, 4)})`);
