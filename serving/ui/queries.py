@@ -43,8 +43,9 @@ _SCORES = cast(Table, EvalScore.__table__)
 _REQUESTS = cast(Table, RequestLog.__table__)
 _OUTCOMES = cast(Table, Outcome.__table__)
 
-# The request columns are the RequestRecord fields (one source of truth: a new field is read here too).
-_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRecord))
+# The request columns are the RequestRecord fields stored in `requests` (one source of truth: a new column
+# is read here too; fields kept in other tables, such as logged content, come after them and are left out).
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRecord) if f.name in _REQUESTS.c)
 _OUTCOME_FIELDS = ("request_id", "created_at", "reward", "thumbs", "key_name")
 
 Q_VERSIONS = (

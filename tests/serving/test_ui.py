@@ -159,6 +159,9 @@ def test_experiment_numbers_are_the_ab_reports_and_follow_the_log(ui: Dashboard)
     report = pages.report_summary(build_report(ui.registry, ui.filled.experiment_id))  # `moea ab report`'s
     assert first["report"]["arms"] == report["arms"] and first["report"]["srm"] == report["srm"]
     assert sum(arm["requests"] for arm in first["report"]["arms"]) == 60
+    requests, outcomes = queries.experiments_data(ui.registry.engine, [ui.filled.experiment_id])
+    assert requests[ui.filled.experiment_id] == ui.registry.experiment_requests(ui.filled.experiment_id)
+    assert outcomes[ui.filled.experiment_id] == ui.registry.experiment_outcomes(ui.filled.experiment_id)
     log_requests(ui.registry, ui.filled.experts, ui.filled.experiment_id, 40, seed=9)
     second = ui.client.get(url, headers=bearer(READER)).json()
     assert sum(arm["requests"] for arm in second["report"]["arms"]) == 80
