@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import APIError, internal_error
 from .gateway import Gateway
 from .guard_monitor import DEFAULT_INTERVAL_S, GuardMonitor
+from .ui import mount_ui
 
 log = logging.getLogger("moea.serving.gateway")
 
@@ -39,6 +40,7 @@ def create_app(gateway: Gateway, *, guard_interval_s: float = DEFAULT_INTERVAL_S
     app.state.guard_monitor = monitor
     _add_error_handlers(app, gateway)
     _add_routes(app, gateway)
+    mount_ui(app, gateway)
     return app
 
 

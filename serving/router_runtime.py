@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,9 @@ from moe_adapters.router import RouteDecision, Router
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("moea.serving.router")
+
+RECENT_DECISIONS = 10_000
+"""Router decisions kept in memory for the dashboard (serving/ui)."""
 
 
 class RouterRuntimeError(RuntimeError):
@@ -100,6 +105,9 @@ class RouterRuntime:
         self.current: LoadedRouter | None = None
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[RouteDecision]]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self.recent: deque[tuple[float, str | None, float]] = deque(maxlen=RECENT_DECISIONS)
+        """(unix time, label or None for abstain, confidence) of the latest decisions (the dashboard's
+        confidence histogram; the counters in /metrics have no confidences)."""
 
     @property
     def ref(self) -> str | None:
@@ -143,6 +151,7 @@ class RouterRuntime:
         await self._queue.put((prompt, future))
         decision = await future
         self.metrics.observe_route(decision.label)
+        self.recent.append((time.time(), decision.label, float(decision.confidence)))
         return decision
 
     async def _batch_loop(self) -> None:
