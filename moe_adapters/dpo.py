@@ -19,27 +19,25 @@ sha256, which ``moea register`` stores with the new version.
 from __future__ import annotations
 
 import hashlib
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256, resolve_base_model
+from moe_adapters.base_model import base_model_sha256, resolve_base_model
 from moe_adapters.checkpoint import check_out_dir
 from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.dpo_data import PairTokens, tokenize_pairs
 from moe_adapters.dpo_eval import preference_accuracy, score_pairs
-from moe_adapters.hardware import choose_num_threads, pick_device, threads_reason
+from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
 from moe_adapters.prompting import version_prompt_spec
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
 from moe_adapters.train import _load_tokenizer
-from moe_adapters.train_outputs import RUN_FORMAT_VERSION, _git_commit, write_adapter_folder
+from moe_adapters.train_outputs import run_header, write_adapter_folder
 from moe_adapters.train_state import TrainError
 
 LINEAGE_METHOD = "dpo"
@@ -86,10 +84,7 @@ def train_dpo(
     out_dir.mkdir(parents=True, exist_ok=True)
     mixture_text = mixture_yaml(config)
     (out_dir / "mixture.yaml").write_text(mixture_text)
-    torch.set_num_threads(choose_num_threads(config.train.num_threads))
-    if progress:
-        reason = threads_reason(config.train.num_threads)
-        print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
+    apply_num_threads(config.train.num_threads, announce=progress)
     torch.manual_seed(config.train.seed)
     model = load_policy(base_path, adapter_dir)
     metrics = train_and_measure(model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress)
@@ -268,13 +263,7 @@ def dpo_run_record(
     task.update(kind=view.task_kind, system_prompt=view.system_prompt)
     task.setdefault("prompt_policy", "if-absent")
     return {
-        "format_version": RUN_FORMAT_VERSION,
-        "base_model": base_path,
-        "base_model_name": DEFAULT_BASE_NAME if config.base_model == "default" else Path(base_path).name,
-        "base_model_sha256": base_model_sha256(base_path),
-        "created_at": datetime.now(UTC).isoformat(),
-        "mixture_sha256": hashlib.sha256(mixture_text.encode()).hexdigest(),
-        "git_commit": _git_commit(),
+        **run_header(config, base_path, hashlib.sha256(mixture_text.encode()).hexdigest()),
         "single_adapter": False,
         "tasks": {view.name: task},
         "lineage": {view.name: lineage},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,19 @@ def threads_reason(configured: int | None) -> str:
     if configured:
         return "train.num_threads"
     return "all physical cores; set train.num_threads to change"
+
+
+def apply_num_threads(configured: int | None, *, announce: bool) -> int:
+    """Set torch's intra-op threads (:func:`choose_num_threads`); with ``announce`` print the line every
+    training command starts with (``torch threads: N (why)``) on stderr. Returns the count."""
+    torch.set_num_threads(choose_num_threads(configured))
+    if announce:
+        print(
+            f"torch threads: {torch.get_num_threads()} ({threads_reason(configured)})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return torch.get_num_threads()
 
 
 def physical_cores() -> int:

@@ -34,7 +34,7 @@ from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpo
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
-from moe_adapters.hardware import choose_num_threads, pick_device, threads_reason
+from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.parallel import TEST_DIGEST_ENV, Parallel, adapter_digest, detect_parallel
 from moe_adapters.quantize import check_quantize_backend
 from moe_adapters.run_dir import CHECKPOINT_NAME
@@ -93,10 +93,7 @@ def train_mixture(
     saved = read_checkpoint(checkpoint, identity) if state == "resumable" else None
     if parallel.is_main:
         (out_dir / "mixture.yaml").write_text(mixture_text)
-    torch.set_num_threads(choose_num_threads(config.train.num_threads))
-    if progress:
-        reason = threads_reason(config.train.num_threads)
-        print(f"torch threads: {torch.get_num_threads()} ({reason})", file=sys.stderr, flush=True)
+    apply_num_threads(config.train.num_threads, announce=progress)
     torch.manual_seed(config.train.seed)
     trainer = build_trainer(config, data, base_path, tokenizer, probabilities, single_adapter, parallel)
     trainer.budget = budget_record

@@ -177,6 +177,19 @@ def mixture_run_record(
 ) -> dict[str, Any]:
     """run.json: the base model, the mixture's hash, the commit and each task's prompt settings."""
     return {
+        **run_header(config, base_path, mixture_sha),
+        "single_adapter": single_adapter,
+        **({"budget": budget} if budget is not None else {}),
+        "tasks": {
+            t.name: {"kind": t.kind, "system_prompt": t.system_prompt, "prompt_policy": t.prompt_policy}
+            for t in config.expert_tasks
+        },
+    }
+
+
+def run_header(config: MixtureConfig, base_path: str, mixture_sha: str) -> dict[str, Any]:
+    """The fields every run.json starts with (training and DPO runs): format, base model, time, commit."""
+    return {
         "format_version": RUN_FORMAT_VERSION,
         "base_model": base_path,
         "base_model_name": DEFAULT_BASE_NAME if config.base_model == "default" else Path(base_path).name,
@@ -184,12 +197,6 @@ def mixture_run_record(
         "created_at": datetime.now(UTC).isoformat(),
         "mixture_sha256": mixture_sha,
         "git_commit": _git_commit(),
-        "single_adapter": single_adapter,
-        **({"budget": budget} if budget is not None else {}),
-        "tasks": {
-            t.name: {"kind": t.kind, "system_prompt": t.system_prompt, "prompt_policy": t.prompt_policy}
-            for t in config.expert_tasks
-        },
     }
 
 
