@@ -89,7 +89,8 @@ def _flat_metrics(metrics: dict[str, Any], limit: int = 6) -> list[tuple[str, st
 
 def routing_page(gateway: Gateway, minutes: float) -> dict[str, Any]:
     """Router version, labels, threshold; routing decisions and confidences over the last `minutes`; the
-    share of routed requests sent to base; recent requests with the expert that answered (no content)."""
+    share of routed requests sent to base; recent requests with the expert that answered (and what was said,
+    only where `moea serve --log-content` stored it)."""
     now = datetime.now(UTC)
     since = now - timedelta(minutes=minutes)
     counts = queries.route_counts(gateway.registry.engine, since)

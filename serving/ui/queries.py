@@ -28,6 +28,7 @@ from registry.models import (
     Expert,
     ExpertVersion,
     Outcome,
+    RequestContent,
     RequestLog,
     as_utc,
 )
@@ -42,6 +43,7 @@ _HISTORY = cast(Table, AliasEvent.__table__)
 _SCORES = cast(Table, EvalScore.__table__)
 _REQUESTS = cast(Table, RequestLog.__table__)
 _OUTCOMES = cast(Table, Outcome.__table__)
+_CONTENT = cast(Table, RequestContent.__table__)
 
 # The request columns are the RequestRecord fields stored in `requests` (one source of truth: a new column
 # is read here too; fields kept in other tables, such as logged content, come after them and are left out).
@@ -176,11 +178,21 @@ def route_counts(engine: Engine, since: datetime) -> list[RouteCount]:
 
 
 def recent_requests(engine: Engine, limit: int) -> list[RequestRecord]:
-    """The newest `limit` logged requests (no content: the log holds none), newest first."""
-    query = sa_select(*(_REQUESTS.c[name] for name in _REQUEST_FIELDS)).order_by(_REQUESTS.c.id.desc())
+    """The newest `limit` logged requests, newest first, with their content where `moea serve
+    --log-content` stored it (`messages`/`answer` stay None otherwise); one statement."""
+    query = (
+        sa_select(*(_REQUESTS.c[name] for name in _REQUEST_FIELDS), _CONTENT.c.messages, _CONTENT.c.answer)
+        .select_from(
+            _REQUESTS.outerjoin(
+                _CONTENT,
+                (_CONTENT.c.request_id == _REQUESTS.c.request_id) & (_CONTENT.c.shadow == _REQUESTS.c.shadow),
+            )
+        )
+        .order_by(_REQUESTS.c.id.desc())
+    )
     with engine.connect() as connection:
         rows = connection.execute(query.limit(limit)).all()
-    return [_request_record(row) for row in rows]
+    return [dataclasses.replace(_request_record(row[:-2]), messages=row[-2], answer=row[-1]) for row in rows]
 
 
 def _request_record(row: Any) -> RequestRecord:

@@ -53,7 +53,17 @@ def _environment() -> Environment:
     env.filters["size"] = _human_size
     env.filters["num"] = lambda value, digits=3: "–" if value is None else f"{value:.{digits}f}"
     env.filters["pct"] = lambda value: "–" if value is None else f"{100 * value:.1f}%"
+    env.filters["last_user"] = _last_user_text
     return env
+
+
+def _last_user_text(messages: Any) -> str:
+    """The prompt of logged content: the last user message of a chat, or a completion's prompt."""
+    if isinstance(messages, str):
+        return messages
+    users = [m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
+    last = users[-1] if users else ""
+    return last if isinstance(last, str) else str(last)
 
 
 def _human_size(size: int) -> str:

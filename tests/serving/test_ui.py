@@ -248,3 +248,22 @@ def test_the_grafana_dashboard_queries_only_metrics_moea_serve_exports() -> None
         "moea_router_decisions",
         "moea_engine_healthy",
     } <= queried
+
+
+def test_recent_requests_show_logged_content_escaped_and_nothing_without_it(ui: Dashboard) -> None:
+    from datetime import UTC, datetime
+
+    from registry.views import RequestRecord
+
+    said = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Is <b>this</b> good?"}]
+    with_content = RequestRecord("chatcmpl-with-content", datetime.now(UTC), None, None, None, None, True,
+                                 30.0, 5, 2, 200, messages=said, answer="yes & no")  # fmt: skip
+    without = RequestRecord("chatcmpl-no-content", datetime.now(UTC), None, None, None, None, True,
+                            30.0, 5, 2, 200)  # fmt: skip
+    ui.registry.log_requests([with_content, without])
+    routing = ui.client.get("/ui/routing", headers=bearer(READER)).text
+    assert "Is &lt;b&gt;this&lt;/b&gt; good?" in routing and "<b>this</b>" not in routing
+    assert "yes &amp; no" in routing and "be brief" not in routing  # the prompt is the last user message
+    recent = {r.request_id: r for r in queries.recent_requests(ui.registry.engine, 10)}
+    assert recent["chatcmpl-with-content"].messages == said
+    assert recent["chatcmpl-no-content"].messages is None and recent["chatcmpl-no-content"].answer is None
