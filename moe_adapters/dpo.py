@@ -33,7 +33,13 @@ from moe_adapters.checkpoint import check_out_dir
 from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.dpo_data import PairTokens, tokenize_pairs
-from moe_adapters.dpo_eval import preference_accuracy, score_pairs
+from moe_adapters.dpo_eval import (
+    greedy_answers,
+    greedy_win_rate,
+    heldout_line,
+    preference_accuracy,
+    score_pairs,
+)
 from moe_adapters.hardware import choose_num_threads, pick_device, threads_reason
 from moe_adapters.preferences import preference_file_sha256, read_preferences
 from moe_adapters.prompting import version_prompt_spec
@@ -132,14 +138,21 @@ def train_and_measure(
 ) -> dict[str, Any]:
     """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included)."""
     before = score_pairs(model, heldout_tokens) if heldout_tokens else None
+    before_greedy = greedy_answers(model, tokenizer, heldout_tokens) if heldout_tokens else []
     step_start = time.perf_counter()
     log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
     metrics = dpo_metrics(name, config, log_history, time.perf_counter() - step_start)
     metrics["dpo"]["heldout"] = None
     if heldout_tokens and before is not None:
         after = preference_accuracy(score_pairs(model, heldout_tokens), before, config.dpo.beta)
-        metrics["dpo"]["heldout"] = {"before": preference_accuracy(before), "after": after}
+        after |= greedy_win_rate(tokenizer, heldout_tokens, greedy_answers(model, tokenizer, heldout_tokens))
+        before_report = preference_accuracy(before) | greedy_win_rate(
+            tokenizer, heldout_tokens, before_greedy
+        )
+        metrics["dpo"]["heldout"] = {"before": before_report, "after": after}
         metrics["experts"][name]["heldout_reward_accuracy"] = after["reward_accuracy"]  # `registry show`
+        if progress:
+            print(heldout_line(before_report, after), file=sys.stderr, flush=True)
     return metrics
 
 
