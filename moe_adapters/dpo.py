@@ -212,6 +212,9 @@ def run_dpo(
             per_device_train_batch_size=dpo.batch_size,
             learning_rate=dpo.lr,
             beta=dpo.beta,
+            # RPO: plain DPO plus a weighted SFT term on the chosen answers (dpo.sft_weight).
+            loss_type=["sigmoid", "sft"] if dpo.sft_weight > 0 else ["sigmoid"],
+            loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight > 0 else None,
             max_length=dpo.max_length,
             gradient_checkpointing=config.train.gradient_checkpointing,
             use_cpu=on_cpu,
@@ -263,6 +266,7 @@ def dpo_metrics(
             "max_steps": config.dpo.max_steps,
             "batch_size": config.dpo.batch_size,
             "max_length": config.dpo.max_length,
+            "sft_weight": config.dpo.sft_weight,
             "final_reward_accuracy": mean("rewards/accuracies"),
             "final_reward_margin": mean("rewards/margins"),
             "curve": [

@@ -153,6 +153,7 @@ def greedy_win_rate(tokenizer: Any, pairs: Sequence[PairTokens], answers: Sequen
     """``greedy_chosen`` / ``greedy_rejected``: shares of greedy ``answers`` equal to each pair's chosen /
     rejected answer; ``greedy_top_answers``: the three most frequent answers with their counts."""
     n = len(pairs)
+    answers = [a.strip() for a in answers]  # as answer_text, for answers that did not come through it
     chosen = sum(a == answer_text(tokenizer, p.chosen_ids) for p, a in zip(pairs, answers, strict=True))
     rejected = sum(a == answer_text(tokenizer, p.rejected_ids) for p, a in zip(pairs, answers, strict=True))
     return {

@@ -27,6 +27,9 @@ SYSTEM_PROMPT = "Answer with one word: positive or negative."  # as in examples/
 DPO_STEPS = 16
 DPO_BATCH = 4
 DPO_LR = 5e-4  # 10x the default: the test has few steps to move a style the SFT data never taught
+# Plain DPO (sft_weight 0) measured here: accuracy 0 -> 0.95 but greedy answers drifted to neither form
+# ("negative.", "Unfavourable."); the SFT term on the chosen answers keeps them on the house style.
+SFT_WEIGHT = 1.0
 
 
 def sentiment_mixture(tmp_path: Path) -> Path:
@@ -46,7 +49,13 @@ def sentiment_mixture(tmp_path: Path) -> Path:
             "seed": 13,
         },
         "router": {"enabled": False},
-        "dpo": {"max_steps": DPO_STEPS, "batch_size": DPO_BATCH, "lr": DPO_LR, "max_length": 128},
+        "dpo": {
+            "max_steps": DPO_STEPS,
+            "batch_size": DPO_BATCH,
+            "lr": DPO_LR,
+            "sft_weight": SFT_WEIGHT,
+            "max_length": 128,
+        },
         "tasks": [
             {
                 "name": "sentiment",
