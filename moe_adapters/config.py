@@ -290,8 +290,8 @@ class DpoSettings:
     sft_weight: float = 0.0
     """Weight of an SFT term (mean NLL of the chosen answers' tokens) added to the DPO loss, as in RPO
     (TRL ``loss_type=["sigmoid", "sft"]``); 0: plain DPO. DPO alone only widens the chosen − rejected
-    gap and can lower both answers, so greedy answers may drift to neither; the term keeps the chosen
-    answer likely."""
+    gap: it can push the rejected answer down without making the chosen one likely, so greedy answers
+    drift to neither; the term keeps the chosen answer likely."""
 
 
 @dataclass

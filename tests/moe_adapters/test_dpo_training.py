@@ -29,7 +29,7 @@ DPO_BATCH = 4
 DPO_LR = 5e-4  # 10x the default: the test has few steps to move a style the SFT data never taught
 # Measured at 16 steps: plain DPO moved accuracy 0 -> 0.95 but greedy answers drifted to neither form
 # ("negative.", "Unfavourable."): greedy = chosen 0 -> 0.2; sft_weight 1: 0 -> 0.475. The SFT term on the
-# chosen answers keeps the answers on the house style.
+# chosen answers keeps the answers on the house style (20 steps, sft_weight 2: 0 -> 0.7).
 SFT_WEIGHT = 2.0
 
 
@@ -104,7 +104,7 @@ def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None
     # on prompts it never trained on.
     assert before["accuracy"] <= 0.2 and after["accuracy"] >= 0.8
     assert before["greedy_chosen"] <= 0.1 and before["greedy_rejected"] >= 0.5
-    assert after["greedy_chosen"] >= 0.4 and after["greedy_rejected"] <= 0.1
+    assert after["greedy_chosen"] >= 0.6 and after["greedy_rejected"] <= 0.1  # measured 0.7, 0.0
     assert after["reward_accuracy"] >= 0.9 and after["mean_reward_margin"] > 0
 
     with Registry(registry_url, store) as registry:
