@@ -1,8 +1,12 @@
 """Write the example preference pairs for the sentiment expert (deterministic, stdlib only).
 
-The preference: the short canonical label (``positive``) over a chatty or decorated answer carrying the
-same label (``I think this review sounds positive!``, ``Positive.``). Both answers are correct; the pairs
-teach the format the service wants. Writes, relative to this folder:
+The preference is a house style the SFT data never taught: the label as a capitalised sentence,
+``Positive.`` / ``Negative.``, over the expert's own plain lowercase label (``positive``), which is what
+``data/sentiment.jsonl`` trains it to say. Both answers name the same label (the pairs are about form,
+not correctness, and ``moea eval``'s classification metric scores both as correct); the SFT expert
+prefers the rejected one, so DPO has something to move. Why a team would want it: the answer is shown
+verbatim to people (a support dashboard, a reply draft), where a bare lowercase word reads as a glitch.
+Writes, relative to this folder:
 
 - ``preferences/sentiment_train.jsonl``: 120 pairs on prompts of ``data/sentiment.jsonl``;
 - ``preferences/sentiment_heldout.jsonl``: 40 pairs on ``data/unseen/sentiment.jsonl``, prompts worded
@@ -25,26 +29,19 @@ from pathlib import Path
 EXAMPLES_DIR = Path(__file__).resolve().parent
 DEFAULT_SEED = 13
 TRAIN_PAIRS = 120
-# Every rejected answer carries the right label: the pairs are about the answer's form, not its correctness.
-REJECTED_TEMPLATES = (
-    "I think this review sounds {label}!",
-    "The sentiment of this text is {label}.",
-    "Based on the review, I would say it is {label}.",
-    "{Label}! The reviewer clearly feels {label} about it.",
-    "This one is {label}, in my opinion.",
-    "Sentiment: {Label}",
-    "{Label}.",
-    "It's {label}.",
-)
 
 
-def _pairs(rows: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
-    out = []
-    for row in rows:
-        label = row["response"]
-        rejected = rng.choice(REJECTED_TEMPLATES).format(label=label, Label=label.capitalize())
-        out.append({"prompt": row["prompt"], "chosen": label, "rejected": rejected})
-    return out
+def house_style(label: str) -> str:
+    """The preferred form of a label: capitalised, ending with a period (``positive`` → ``Positive.``)."""
+    return f"{label.capitalize()}."
+
+
+def _pairs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    # chosen = the house style, rejected = the SFT data's own answer (the lowercase label) for that prompt.
+    return [
+        {"prompt": row["prompt"], "chosen": house_style(row["response"]), "rejected": row["response"]}
+        for row in rows
+    ]
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -58,8 +55,8 @@ def build_files(seed: int = DEFAULT_SEED, examples: Path = EXAMPLES_DIR) -> dict
     rng.shuffle(train_rows)
     heldout_rows = _read(examples / "data" / "unseen" / "sentiment.jsonl")
     files = {
-        "preferences/sentiment_train.jsonl": _pairs(train_rows[:TRAIN_PAIRS], rng),
-        "preferences/sentiment_heldout.jsonl": _pairs(heldout_rows, rng),
+        "preferences/sentiment_train.jsonl": _pairs(train_rows[:TRAIN_PAIRS]),
+        "preferences/sentiment_heldout.jsonl": _pairs(heldout_rows),
     }
     return {
         rel: "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)

@@ -287,6 +287,11 @@ class DpoSettings:
     """Preference pairs per step."""
     max_length: int = 256
     """Longest prompt + answer in tokens after chat templating; a pair over it is an error (file:line)."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term (mean NLL of the chosen answers' tokens) added to the DPO loss, as in RPO
+    (TRL ``loss_type=["sigmoid", "sft"]``); 0: plain DPO. DPO alone only widens the chosen − rejected
+    gap: it can push the rejected answer down without making the chosen one likely, so greedy answers
+    drift to neither; the term keeps the chosen answer likely."""
 
 
 @dataclass

@@ -315,4 +315,6 @@ def _validate_dpo(dpo: DpoSettings) -> list[str]:
         for name in ("max_steps", "batch_size", "max_length")
         if getattr(dpo, name) < 1
     ]
+    if dpo.sft_weight < 0:
+        errors.append(f"dpo.sft_weight: must be >= 0 (0 = plain DPO), got {dpo.sft_weight}")
     return errors

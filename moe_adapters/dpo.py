@@ -19,6 +19,7 @@ sha256, which ``moea register`` stores with the new version.
 from __future__ import annotations
 
 import hashlib
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,13 @@ from moe_adapters.checkpoint import check_out_dir
 from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.dpo_data import PairTokens, tokenize_pairs
-from moe_adapters.dpo_eval import preference_accuracy, score_pairs
+from moe_adapters.dpo_eval import (
+    greedy_answers,
+    greedy_win_rate,
+    heldout_line,
+    preference_accuracy,
+    score_pairs,
+)
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
 from moe_adapters.prompting import version_prompt_spec
@@ -127,14 +134,21 @@ def train_and_measure(
 ) -> dict[str, Any]:
     """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included)."""
     before = score_pairs(model, heldout_tokens) if heldout_tokens else None
+    before_greedy = greedy_answers(model, tokenizer, heldout_tokens) if heldout_tokens else []
     step_start = time.perf_counter()
     log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
     metrics = dpo_metrics(name, config, log_history, time.perf_counter() - step_start)
     metrics["dpo"]["heldout"] = None
     if heldout_tokens and before is not None:
         after = preference_accuracy(score_pairs(model, heldout_tokens), before, config.dpo.beta)
-        metrics["dpo"]["heldout"] = {"before": preference_accuracy(before), "after": after}
+        after |= greedy_win_rate(tokenizer, heldout_tokens, greedy_answers(model, tokenizer, heldout_tokens))
+        before_report = preference_accuracy(before) | greedy_win_rate(
+            tokenizer, heldout_tokens, before_greedy
+        )
+        metrics["dpo"]["heldout"] = {"before": before_report, "after": after}
         metrics["experts"][name]["heldout_reward_accuracy"] = after["reward_accuracy"]  # `registry show`
+        if progress:
+            print(heldout_line(before_report, after), file=sys.stderr, flush=True)
     return metrics
 
 
@@ -194,6 +208,9 @@ def run_dpo(
             per_device_train_batch_size=dpo.batch_size,
             learning_rate=dpo.lr,
             beta=dpo.beta,
+            # RPO: plain DPO plus a weighted SFT term on the chosen answers (dpo.sft_weight).
+            loss_type=["sigmoid", "sft"] if dpo.sft_weight > 0 else ["sigmoid"],
+            loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight > 0 else None,
             max_length=dpo.max_length,
             gradient_checkpointing=config.train.gradient_checkpointing,
             use_cpu=on_cpu,
@@ -245,6 +262,7 @@ def dpo_metrics(
             "max_steps": config.dpo.max_steps,
             "batch_size": config.dpo.batch_size,
             "max_length": config.dpo.max_length,
+            "sft_weight": config.dpo.sft_weight,
             "final_reward_accuracy": mean("rewards/accuracies"),
             "final_reward_margin": mean("rewards/margins"),
             "curve": [

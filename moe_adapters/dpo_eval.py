@@ -10,10 +10,17 @@ prompt the expert sees):
 
 ``accuracy_per_token`` repeats ``accuracy`` on length-normalized log-probabilities (a short canonical
 answer has fewer tokens to pay for, which favours it in the summed reading).
+
+And what the expert actually answers (:func:`greedy_win_rate`): each held-back prompt, as the pair's
+prompt ids (rendered by :mod:`moe_adapters.dpo_data`, the rule SFT, ``moea eval`` and the gateway share),
+is answered greedily; ``greedy_chosen`` / ``greedy_rejected`` are the shares of answers equal to the
+chosen / rejected answer. Equality is on decoded text with special tokens dropped and surrounding
+whitespace stripped, nothing more: case and punctuation are what a style preference is about.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,3 +107,66 @@ def preference_accuracy(
         report["reward_accuracy"] = sum(m > 0 for m in margins) / n if n else 0.0
         report["mean_reward_margin"] = beta * sum(margins) / n if n else 0.0
     return report
+
+
+GREEDY_EXTRA_TOKENS = 4
+"""Tokens generated past the pair's longer answer: enough to show what an off-target answer says."""
+
+
+def answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """An answer's ids as the text compared by :func:`greedy_win_rate` (special tokens dropped, stripped)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, pairs: Sequence[PairTokens]) -> list[str]:
+    """``model``'s greedy answer to each pair's prompt ids, as :func:`answer_text`; at most the pair's
+    longer answer plus :data:`GREEDY_EXTRA_TOKENS` tokens, stopping at EOS (one prompt at a time: no
+    padding, so each prompt is exactly the ids the pairs were scored on)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for pair in pairs:
+        settings = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max(len(pair.chosen_ids), len(pair.rejected_ids)) + GREEDY_EXTRA_TOKENS,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        ids = torch.tensor([pair.prompt_ids], device=device)
+        generated = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
+        )
+        out.append(answer_text(tokenizer, generated[0, len(pair.prompt_ids) :].tolist()))
+    if was_training:
+        model.train()
+    return out
+
+
+def greedy_win_rate(tokenizer: Any, pairs: Sequence[PairTokens], answers: Sequence[str]) -> dict[str, Any]:
+    """``greedy_chosen`` / ``greedy_rejected``: shares of greedy ``answers`` equal to each pair's chosen /
+    rejected answer; ``greedy_top_answers``: the three most frequent answers with their counts."""
+    n = len(pairs)
+    answers = [a.strip() for a in answers]  # as answer_text, for answers that did not come through it
+    chosen = sum(a == answer_text(tokenizer, p.chosen_ids) for p, a in zip(pairs, answers, strict=True))
+    rejected = sum(a == answer_text(tokenizer, p.rejected_ids) for p, a in zip(pairs, answers, strict=True))
+    return {
+        "greedy_chosen": chosen / n if n else 0.0,
+        "greedy_rejected": rejected / n if n else 0.0,
+        "greedy_top_answers": [[text, count] for text, count in Counter(answers).most_common(3)],
+    }
+
+
+def heldout_line(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One printed line: held-back accuracy and greedy win rate before → after."""
+    return (
+        f"held-back {after['pairs']} pairs: accuracy {before['accuracy']:.2f} → {after['accuracy']:.2f}, "
+        f"greedy = chosen {before['greedy_chosen']:.2f} → {after['greedy_chosen']:.2f}, "
+        f"= rejected {before['greedy_rejected']:.2f} → {after['greedy_rejected']:.2f}"
+    )

@@ -73,7 +73,9 @@ class GateDecision:
     """One line for the alias history and the terminal."""
 
 
-def generate_and_score(views: list[Any], rows: list[dict[str, Any]], settings: EvalSettings | None = None) -> dict[str, dict[str, Any]]:
+def generate_and_score(
+    views: list[Any], rows: list[dict[str, Any]], settings: EvalSettings | None = None
+) -> dict[str, dict[str, Any]]:
     """Greedy answers of each version on the golden rows (vLLM offline engine, one child process for all
     versions) scored with the task kind's metrics; what `moea eval` does for a registered version."""
     from transformers import AutoTokenizer
@@ -103,7 +105,12 @@ def generate_and_score(views: list[Any], rows: list[dict[str, Any]], settings: E
         kind = view.task_kind
         labels = sorted({r.strip() for r in references}) if kind == "classification" else None
         metrics = score_task(kind, answers, references, labels, extras)
-        results[view.ref] = {"metric": metrics["metric"], "score": metrics["score"], "n": len(rows), "answers": answers}
+        results[view.ref] = {
+            "metric": metrics["metric"],
+            "score": metrics["score"],
+            "n": len(rows),
+            "answers": answers,
+        }
     return results
 
 
@@ -167,7 +174,9 @@ def decide(candidate: GateScore | None, holder: GateScore | None, margin: float,
     `margin` (absolute). Missing or incomparable scores pass, not gated, and the note says why."""
     if candidate is None or holder is None:
         who = "the candidate" if candidate is None else "the current holder"
-        return GateDecision(source, candidate, holder, margin, True, f"not gated: {who} has no eval score ({source})")
+        return GateDecision(
+            source, candidate, holder, margin, True, f"not gated: {who} has no eval score ({source})"
+        )
     if candidate.metric != holder.metric:
         note = f"not gated: metrics differ ({candidate.ref} {candidate.metric}, {holder.ref} {holder.metric})"
         return GateDecision(source, candidate, holder, margin, True, note)

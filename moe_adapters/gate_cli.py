@@ -28,9 +28,14 @@ from .eval_types import EvalSettings
     type=click.FloatRange(min=0.0),
     help="Refuse when REF scores below the alias's current holder by more than this (absolute, headline metric).",
 )
-@click.option("--force", is_flag=True, help="Promote even when the eval gate refuses (recorded in the history).")
 @click.option(
-    "--max-new-tokens", default=EvalSettings.max_new_tokens, show_default=True, help="Greedy tokens per golden answer."
+    "--force", is_flag=True, help="Promote even when the eval gate refuses (recorded in the history)."
+)
+@click.option(
+    "--max-new-tokens",
+    default=EvalSettings.max_new_tokens,
+    show_default=True,
+    help="Greedy tokens per golden answer.",
 )
 @registry_url_option
 @store_dir_option

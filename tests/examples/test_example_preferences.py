@@ -23,8 +23,11 @@ def test_pairs_are_valid_and_the_heldout_prompts_are_unseen() -> None:
     train = read_preferences(EXAMPLES / "preferences" / "sentiment_train.jsonl")
     heldout = read_preferences(EXAMPLES / "preferences" / "sentiment_heldout.jsonl")
     assert (len(train), len(heldout)) == (120, 40)
+    # chosen = the house style of the label the SFT data gives that prompt, rejected = that plain label.
     assert all(
-        p.chosen in ("positive", "negative") and p.chosen in p.rejected.lower() for p in train + heldout
+        p.rejected in ("positive", "negative") and p.chosen == make_preferences.house_style(p.rejected)
+        for p in train + heldout
     )
+    assert {p.chosen for p in heldout} == {"Positive.", "Negative."}
     sft_prompts = {json.loads(line)["prompt"] for line in (EXAMPLES / "data" / "sentiment.jsonl").open()}
     assert not {p.prompt for p in heldout} & (sft_prompts | {p.prompt for p in train})

@@ -14,7 +14,7 @@ from moe_adapters.base_model import resolve_base_model
 from moe_adapters.config import ConfigError, DpoSettings
 from moe_adapters.config_load import load_mixture
 from moe_adapters.dpo_data import tokenize_pairs
-from moe_adapters.dpo_eval import PairScores, preference_accuracy
+from moe_adapters.dpo_eval import PairScores, answer_text, greedy_win_rate, heldout_line, preference_accuracy
 from moe_adapters.preferences import PreferenceFileError, read_preferences
 from moe_adapters.prompting import PromptSpec
 
@@ -32,7 +32,7 @@ def tokenizer() -> Any:
 
 def test_dpo_defaults_and_overrides() -> None:
     assert load_mixture(MIXTURE).dpo == DpoSettings(
-        beta=0.1, lr=5e-5, max_steps=50, batch_size=4, max_length=256
+        beta=0.1, lr=5e-5, max_steps=50, batch_size=4, max_length=256, sft_weight=0.0
     )
     assert load_mixture(MIXTURE, {"dpo.beta": 0.3, "dpo.lr": "1e-4"}).dpo.lr == 1e-4
 
@@ -44,6 +44,7 @@ def test_dpo_defaults_and_overrides() -> None:
         ({"dpo.lr": -1e-5}, "dpo.lr: must be > 0"),
         ({"dpo.max_steps": 0}, "dpo.max_steps: must be >= 1, got 0"),
         ({"dpo.batch_size": 0}, "dpo.batch_size: must be >= 1"),
+        ({"dpo.sft_weight": -1}, "dpo.sft_weight: must be >= 0 (0 = plain DPO), got -1"),
         ({"dpo.max_length": "long"}, "dpo.max_length: expected an integer, got 'long'"),
         ({"dpo.gamma": 1}, "dpo: unknown key(s) ['gamma']"),
     ],
@@ -91,6 +92,22 @@ def test_preference_accuracy_readings() -> None:
     assert (
         preference_accuracy(reference, reference)["reward_accuracy"] == 0.0
     )  # the start scores 0 by definition
+
+
+def test_greedy_win_rate_compares_decoded_answers_keeping_case_and_punctuation(tokenizer: Any) -> None:
+    pairs = tokenize_pairs(read_preferences(PREFS)[:4], tokenizer, PromptSpec("Answer with one word."), 256)
+    chosen = [answer_text(tokenizer, p.chosen_ids) for p in pairs]
+    assert chosen[0] in ("Positive.", "Negative.")  # decoded without the EOS
+    rejected = answer_text(tokenizer, pairs[1].rejected_ids)
+    # pair 0 answered as chosen, pair 1 as rejected (surrounding whitespace ignored); pair 2 in another
+    # case, pair 3 without the period: neither (the style is what the pairs are about).
+    answers = [chosen[0], f" {rejected}\n", chosen[2].upper(), chosen[3].rstrip(".")]
+    report = greedy_win_rate(tokenizer, pairs, answers)
+    assert (report["greedy_chosen"], report["greedy_rejected"]) == (0.25, 0.25)
+    assert report["greedy_top_answers"][0][1] == 1
+    before = {"pairs": 4, "accuracy": 0.0, "greedy_chosen": 0.0, "greedy_rejected": 1.0}
+    line = heldout_line(before, {**report, "pairs": 4, "accuracy": 1.0})
+    assert "accuracy 0.00 → 1.00" in line and "chosen 0.00 → 0.25" in line
 
 
 def _train(*args: str) -> Any:

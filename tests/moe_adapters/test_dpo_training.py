@@ -1,6 +1,7 @@
 """DPO on the examples, for real (slow): a briefly trained sentiment expert is registered, tuned with
-`train_dpo` on the project's preference pairs (short canonical label over a chatty answer), and its
-preference accuracy on the held-back pairs rises; the run registers as the next version with its lineage."""
+`train_dpo` on the project's preference pairs (house style `Positive.` over the plain `positive` the SFT
+data taught), and on the held-back pairs both its preference accuracy and its greedy answers move from
+the rejected to the chosen form; the run registers as the next version with its lineage."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PREFS = EXAMPLES / "preferences" / "sentiment_train.jsonl"
 HELDOUT = EXAMPLES / "preferences" / "sentiment_heldout.jsonl"
 SYSTEM_PROMPT = "Answer with one word: positive or negative."  # as in examples/mixture.yaml
-DPO_STEPS = 24
+DPO_STEPS = 20
+DPO_BATCH = 4
+DPO_LR = 5e-4  # 10x the default: the test has few steps to move a style the SFT data never taught
+# Measured at 16 steps: plain DPO moved accuracy 0 -> 0.95 but greedy answers drifted to neither form
+# ("negative.", "Unfavourable."): greedy = chosen 0 -> 0.2; sft_weight 1: 0 -> 0.475. The SFT term on the
+# chosen answers keeps the answers on the house style (20 steps, sft_weight 2: 0 -> 0.7).
+SFT_WEIGHT = 2.0
 
 
 def sentiment_mixture(tmp_path: Path) -> Path:
@@ -43,7 +50,13 @@ def sentiment_mixture(tmp_path: Path) -> Path:
             "seed": 13,
         },
         "router": {"enabled": False},
-        "dpo": {"max_steps": DPO_STEPS, "batch_size": 2},
+        "dpo": {
+            "max_steps": DPO_STEPS,
+            "batch_size": DPO_BATCH,
+            "lr": DPO_LR,
+            "sft_weight": SFT_WEIGHT,
+            "max_length": 128,
+        },
         "tasks": [
             {
                 "name": "sentiment",
@@ -83,14 +96,16 @@ def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None
     wall_s = time.perf_counter() - start
     metrics = json.loads((run / "metrics.json").read_text())
     before, after = metrics["dpo"]["heldout"]["before"], metrics["dpo"]["heldout"]["after"]
-    print(f"\nDPO {DPO_STEPS} steps x 2 pairs, 1 thread, {wall_s:.0f}s: held-back {before['pairs']} pairs")
+    print(f"\nDPO {DPO_STEPS} steps x {DPO_BATCH} pairs, lr {DPO_LR}, 1 thread, {wall_s:.0f}s: held-back")
     print(f"  before: {json.dumps(before)}\n  after:  {json.dumps(after)}")
 
     assert metrics["train"]["steps"] == DPO_STEPS and metrics["train"]["torch_threads"] == 1
-    # The policy moved towards the chosen answers on prompts it never trained on.
+    # The SFT expert prefers, and says, its own plain label; after DPO it prefers and says the house style,
+    # on prompts it never trained on.
+    assert before["accuracy"] <= 0.2 and after["accuracy"] >= 0.8
+    assert before["greedy_chosen"] <= 0.1 and before["greedy_rejected"] >= 0.5
+    assert after["greedy_chosen"] >= 0.6 and after["greedy_rejected"] <= 0.1  # measured 0.7, 0.0
     assert after["reward_accuracy"] >= 0.9 and after["mean_reward_margin"] > 0
-    assert after["mean_logp_gap"] > before["mean_logp_gap"]
-    assert after["accuracy"] >= before["accuracy"]
 
     with Registry(registry_url, store) as registry:
         view = registry.register_run(run).experts[0]
