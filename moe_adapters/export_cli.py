@@ -10,7 +10,7 @@ from registry.cli import registry_url_option, store_dir_option
 from registry.errors import user_facing_errors
 
 
-@click.command("export")
+@click.command("export", short_help="Export a registered version as a PEFT adapter folder or a merged model.")
 @click.argument("ref")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Folder to write (must not exist, or be empty); written atomically.")  # fmt: skip
