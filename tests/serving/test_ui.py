@@ -267,3 +267,16 @@ def test_recent_requests_show_logged_content_escaped_and_nothing_without_it(ui: 
     recent = {r.request_id: r for r in queries.recent_requests(ui.registry.engine, 10)}
     assert recent["chatcmpl-with-content"].messages == said
     assert recent["chatcmpl-no-content"].messages is None and recent["chatcmpl-no-content"].answer is None
+
+
+def test_an_experiment_without_outcomes_says_so_instead_of_a_p_value(tmp_path: Path) -> None:
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store")
+    try:
+        filled = fill_registry(registry, tmp_path, experts=2, requests=0)
+        client = TestClient(create_app(make_gateway(registry)))
+        html = client.get("/ui/experiments", headers=bearer(READER)).text
+        assert 'data-field="comparison">no outcomes to compare yet<' in html and "], p " not in html
+        data = client.get(f"/ui/api/experiments/{filled.experiment_id}", headers=bearer(READER)).json()
+        assert "no outcomes" not in str(data)  # the JSON carries numbers (None), the script words them
+    finally:
+        registry.close()

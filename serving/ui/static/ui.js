@@ -53,7 +53,8 @@
       set("latency", `${fmt(arm.p50_ms, 0)} / ${fmt(arm.p95_ms, 0)} ms`);
       if (arm.comparison) {
         const c = arm.comparison;
-        set("comparison", `[${fmt(c.interval[0], 3)}, ${fmt(c.interval[1], 3)}], p ${fmt(c.p_value, 4)}${c.significant ? " significant" : ""}`);
+        set("comparison", c.interval[0] === null ? "no outcomes to compare yet"
+          : `[${fmt(c.interval[0], 3)}, ${fmt(c.interval[1], 3)}], p ${fmt(c.p_value, 4)}${c.significant ? " significant" : ""}`);
       }
     });
     const setTop = (field, text) => { const c = section.querySelector(`[data-field="${field}"]`); if (c) c.textContent = text; };
