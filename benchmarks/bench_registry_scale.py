@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "registry"))
 
-from common import Timing, curve, mode, save_plot, standard_parser, summary, write_result  # noqa: E402
+from common import Timing, curve, mode, pyplot, save_plot, standard_parser, summary, write_result  # noqa: E402
 from helpers import make_run_dir  # noqa: E402
 
 from registry.service import Registry  # noqa: E402
@@ -202,10 +202,7 @@ def measure_size(registry: Registry, grower: Grower, plan: dict[str, Any], seed:
 
 def plot(rows: list[dict[str, Any]], name: str, results_dir: Path | None) -> Path:
     """Log-log plot of resolve, register and refresh latency against the number of versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     sizes = [row["versions"] for row in rows]

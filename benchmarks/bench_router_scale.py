@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_router import latency, routing_accuracy, tfidf_test_accuracy  # noqa: E402
-from common import curve, mode, save_plot, standard_parser, summary, write_result  # noqa: E402
+from common import curve, mode, pyplot, save_plot, standard_parser, summary, write_result  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -220,11 +220,9 @@ def measure(count: int, plan: dict[str, Any], seed: int, compile_cpu: bool) -> d
 
 def plot(results: list[dict[str, Any]], name: str, results_dir: Path | None) -> Path:
     """Latency (batch 1 and 32) and accuracy / OOD abstain rate against the number of tasks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     counts = [r["tasks"] for r in results]

@@ -307,6 +307,16 @@ def curve(title: str, columns: list[str], rows: list[list[Any]]) -> dict[str, An
     return {"title": title, "columns": list(columns), "rows": [list(row) for row in rows]}
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (benchmarks run headless, in CI too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_plot(figure: Any, name: str, results_dir: Path | None = None) -> Path:
     """Save a matplotlib ``figure`` as ``<results_dir>/<name>.png`` (next to ``<name>.json``) and close it."""
     target_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
