@@ -19,6 +19,7 @@ sha256, which ``moea register`` stores with the new version.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import tempfile
 import time
@@ -49,6 +50,9 @@ from moe_adapters.train_state import TrainError
 
 LINEAGE_METHOD = "dpo"
 """``run.json`` ``lineage[NAME].method`` of a DPO-trained expert."""
+
+VLLM_LOG_LEVEL = "VLLM_LOGGING_LEVEL"
+"""The variable trl sets on import (see _import_trl)."""
 
 
 class DpoError(TrainError):
@@ -182,6 +186,20 @@ def load_policy(base_path: str, adapter_dir: Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default", is_trainable=True)
 
 
+def _import_trl() -> tuple[Any, Any]:
+    """TRL's (DPOConfig, DPOTrainer), imported without its side effect on the environment: importing trl sets
+    VLLM_LOGGING_LEVEL=ERROR in os.environ when vLLM is installed, which every vLLM engine started later from
+    this process would inherit (its log would lose the INFO lines moea and its users read)."""
+    before = os.environ.get(VLLM_LOG_LEVEL)
+    from trl import DPOConfig, DPOTrainer
+
+    if before is None:
+        os.environ.pop(VLLM_LOG_LEVEL, None)
+    else:
+        os.environ[VLLM_LOG_LEVEL] = before
+    return DPOConfig, DPOTrainer
+
+
 def run_dpo(
     model: Any, tokenizer: Any, pairs: list[PairTokens], config: MixtureConfig, *, progress: bool
 ) -> list[dict[str, Any]]:
@@ -189,7 +207,8 @@ def run_dpo(
     returns TRL's log history (one entry per step)."""
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
+
+    DPOConfig, DPOTrainer = _import_trl()
 
     class PretokenizedDPOTrainer(DPOTrainer):
         """Pairs arrive as token ids made by moea's prompt rule (moe_adapters.dpo_data); TRL's own

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import httpx
 from fastapi.responses import Response, StreamingResponse
 
@@ -177,7 +178,7 @@ class Forwarder:
             self.finish(ex)
             return Response(body, status_code=response.status_code, media_type="application/json")
         ex.status = 200
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             self._relay(response, lease, ex, strip_usage),
             media_type="text/event-stream",
             headers=ex.response_headers(),
@@ -205,15 +206,16 @@ class Forwarder:
                 if first is not None and events.startswith(b"data: {"):
                     events, first = first + b"," + events[len(b"data: {") :], None
                 if events:
+                    delivered = b"data: [DONE]" in events  # handed to the server: the answer is out
                     yield events
-                    delivered = b"data: [DONE]" in events  # sent: the client asked for more
             if pending:
                 yield pending
         except httpx.HTTPError:
             ex.status = 503  # engine died mid-stream: the client sees a truncated stream
-        except asyncio.CancelledError:
-            # the client went away; once it has read `[DONE]` it may close before the engine's EOF reaches
-            # us (the openai client does): the answer was delivered, so it stays a 200
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client went away (cancelled while we wait for the engine, or closed by
+            # ClosingStreamingResponse while the server sends); once it has `[DONE]` it may close before the
+            # engine's EOF reaches us (the openai client does): the answer was delivered, so it stays a 200
             if not delivered:
                 ex.status = 499
             raise
@@ -221,6 +223,23 @@ class Forwarder:
             await response.aclose()
             self.pool.release(lease)
             self.finish(ex)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator as soon as the stream ends, however it ends.
+
+    Starlette cancels the sending task when the client disconnects; a generator suspended at ``yield`` is
+    then only closed when the garbage collector finds it, possibly after the gateway drained its request
+    log on shutdown, so the request's record (written by the generator's ``finally``) was lost."""
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):  # runs inside the cancelled scope of the disconnect
+                    await close()
 
 
 def take_usage(events: bytes, ex: Exchange, strip: bool) -> bytes:

@@ -165,3 +165,26 @@ def test_bad_dpo_setting_stops_the_command_before_anything_is_written(
     )
     assert result.exit_code == 1 and "dpo.beta: must be > 0" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", [None, "DEBUG"])
+def test_importing_trl_leaves_the_vllm_log_level_as_it_was(preset: str | None) -> None:
+    """trl sets VLLM_LOGGING_LEVEL=ERROR on import; engines started later by the same process inherited it
+    and lost their INFO log (the CPU LoRA kernel's 'installed' line among them). Fresh interpreter: trl is
+    imported once per process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    if preset is not None:
+        env["VLLM_LOGGING_LEVEL"] = preset
+    code = (
+        "import os; from moe_adapters.dpo import _import_trl; _import_trl(); import trl; "
+        "print(repr(os.environ.get('VLLM_LOGGING_LEVEL')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == repr(preset)
