@@ -43,6 +43,7 @@ from moe_adapters.dpo_eval import (
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
 from moe_adapters.prompting import version_prompt_spec
+from moe_adapters.quantize import QUANTIZE_4BIT, check_quantize_backend, load_quantized_base
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
 from moe_adapters.train import _load_tokenizer
 from moe_adapters.train_outputs import run_header, write_adapter_folder
@@ -75,7 +76,8 @@ def train_dpo(
 
     ``heldout_path``: preference pairs never trained on; the run reports their preference accuracy before
     and after (``metrics.json`` ``dpo.heldout``). Settings come from the mixture's ``dpo:`` section and
-    ``train.num_threads`` / ``train.seed`` / ``train.gradient_checkpointing``.
+    ``train.num_threads`` / ``train.seed`` / ``train.gradient_checkpointing`` / ``train.quantize`` (4bit:
+    the base is loaded in 4-bit, as in QLoRA SFT; the adapter written is an ordinary one).
     """
     wall_start = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
@@ -87,6 +89,7 @@ def train_dpo(
     view, adapter_dir = _resolve_version(from_ref, registry_url, store_dir)
     base_path = resolve_base_model(None if config.base_model == "default" else config.base_model)
     _check_same_base(view, base_path)
+    check_quantize_backend(config.train.quantize, pick_device()[0])
     tokenizer = _load_tokenizer(base_path)
     spec = version_prompt_spec(view)
     train_tokens = tokenize_pairs(pairs, tokenizer, spec, config.dpo.max_length)
@@ -97,7 +100,7 @@ def train_dpo(
     (out_dir / "mixture.yaml").write_text(mixture_text)
     apply_num_threads(config.train.num_threads, announce=progress)
     torch.manual_seed(config.train.seed)
-    model = load_policy(base_path, adapter_dir)
+    model = load_policy(base_path, adapter_dir, config.train.quantize, config.train.gradient_checkpointing)
     metrics = train_and_measure(model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress)
     write_adapter_folder(model, "default", out_dir / "experts" / view.name, base_path)
     lineage = lineage_record(from_ref, view.version, preferences_path, preferences_sha256, len(train_tokens))
@@ -175,13 +178,19 @@ def _check_same_base(view: Any, base_path: str) -> None:
         )
 
 
-def load_policy(base_path: str, adapter_dir: Path) -> Any:
-    """The base model with the version's adapter as the trainable ``default`` adapter."""
+def load_policy(
+    base_path: str, adapter_dir: Path, quantize: str = "none", gradient_checkpointing: bool = False
+) -> Any:
+    """The base model (in 4-bit with ``quantize`` 4bit) with the version's adapter as the trainable
+    ``default`` adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     device, dtype = pick_device()
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    if quantize == QUANTIZE_4BIT:
+        model = load_quantized_base(base_path, device, gradient_checkpointing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
     model.config.use_cache = False
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default", is_trainable=True)
 
@@ -282,6 +291,7 @@ def dpo_metrics(
             "batch_size": config.dpo.batch_size,
             "max_length": config.dpo.max_length,
             "sft_weight": config.dpo.sft_weight,
+            "quantize": config.train.quantize,
             "final_reward_accuracy": mean("rewards/accuracies"),
             "final_reward_margin": mean("rewards/margins"),
             "curve": [

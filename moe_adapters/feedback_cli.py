@@ -32,6 +32,13 @@ def feedback_group() -> None:
     type=click.FloatRange(min=0.0),
     help="Smallest reward difference that makes one answer preferred (thumbs: up over down).",
 )
+@click.option(
+    "--max-pairs-per-prompt",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Keep at most this many pairs per prompt (largest reward gap first, then earliest); 0: no cap.",
+)
 @registry_url_option
 @store_dir_option
 def export_command(
@@ -39,6 +46,7 @@ def export_command(
     out: Path,
     experiment_id: int | None,
     min_gap: float,
+    max_pairs_per_prompt: int,
     registry_url: str | None,
     store_dir: Path | None,
 ) -> None:
@@ -53,7 +61,14 @@ def export_command(
     with user_facing_errors():
         registry = Registry(registry_url, store_dir)
         try:
-            report = export_preferences(registry, name, out, experiment_id=experiment_id, min_gap=min_gap)
+            report = export_preferences(
+                registry,
+                name,
+                out,
+                experiment_id=experiment_id,
+                min_gap=min_gap,
+                max_pairs_per_prompt=max_pairs_per_prompt,
+            )
         finally:
             registry.close()
     click.echo(summary(report, name))

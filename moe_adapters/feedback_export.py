@@ -9,6 +9,9 @@ Pairing rules, for the rated answers of one expert (all its versions, or one exp
 * Preference: thumbs up over thumbs down; for rewards the higher one, when the difference is at least
   ``min_gap`` (and not zero). Two ups, two downs or a gap below ``min_gap`` are a tie; a thumbs rating and a
   reward cannot be compared.
+* At most ``max_pairs_per_prompt`` pairs per prompt (0: no cap), so that a prompt answered many times does
+  not outweigh the rest (n answers can make n²/4 pairs): the pairs with the largest reward gap are kept,
+  then the earliest.
 * An answer in no written pair is dropped and counted under one reason (:data:`DROP_REASONS`): its content
   was not logged (served without ``--log-content``, or purged), its prompt is not a text chat ending in a
   user turn (e.g. a /v1/completions prompt), its answer is empty, nobody else answered its prompt, the
@@ -37,10 +40,13 @@ SAME_ANSWER = "other answers to the prompt are the same text"
 TIE = "tie or reward gap below --min-gap"
 NOT_COMPARABLE = "ratings not comparable (thumbs vs reward)"
 DUPLICATE = "only in pairs already written (same texts)"
-DROP_REASONS = (NO_CONTENT, NOT_CHAT, EMPTY_ANSWER, NO_PAIR, SAME_ANSWER, TIE, NOT_COMPARABLE, DUPLICATE)
+CAPPED = "only in pairs over --max-pairs-per-prompt"
+DROP_REASONS = (
+    NO_CONTENT, NOT_CHAT, EMPTY_ANSWER, NO_PAIR, SAME_ANSWER, TIE, NOT_COMPARABLE, DUPLICATE, CAPPED
+)  # fmt: skip
 """Why a rated answer is in no pair, in the order reports list them."""
 # When an answer's comparisons failed for several reasons, the one nearest to a pair is reported.
-_NEAREST_FIRST = (DUPLICATE, TIE, NOT_COMPARABLE, SAME_ANSWER)
+_NEAREST_FIRST = (CAPPED, DUPLICATE, TIE, NOT_COMPARABLE, SAME_ANSWER)
 
 
 @dataclass
@@ -109,10 +115,14 @@ def _pair(chosen: LoggedAnswer, rejected: LoggedAnswer, messages: Any, gap: floa
     return PreferencePair(messages, chosen.answer or "", rejected.answer or "", meta)
 
 
-def pair_answers(answers: list[LoggedAnswer], min_gap: float = 0.5) -> PairingResult:
+def pair_answers(
+    answers: list[LoggedAnswer], min_gap: float = 0.5, max_pairs_per_prompt: int = 0
+) -> PairingResult:
     """Preference pairs from rated answers (rules in the module docstring), in the answers' order."""
     if min_gap < 0:
         raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+    if max_pairs_per_prompt < 0:
+        raise ValueError(f"max_pairs_per_prompt must be >= 0 (0: no cap), got {max_pairs_per_prompt}")
     result = PairingResult(pairs=[], rated=len(answers), used=0)
     groups: dict[str, list[tuple[LoggedAnswer, tuple[tuple[str, str], ...]]]] = {}
     for answer in answers:
@@ -125,18 +135,21 @@ def pair_answers(answers: list[LoggedAnswer], min_gap: float = 0.5) -> PairingRe
         else:
             groups.setdefault(json.dumps(messages), []).append((answer, messages))
     for group in groups.values():
-        _pair_group(group, min_gap, result)
+        _pair_group(group, min_gap, max_pairs_per_prompt, result)
     return result
 
 
 def _pair_group(
-    group: list[tuple[LoggedAnswer, tuple[tuple[str, str], ...]]], min_gap: float, result: PairingResult
+    group: list[tuple[LoggedAnswer, tuple[tuple[str, str], ...]]],
+    min_gap: float,
+    cap: int,
+    result: PairingResult,
 ) -> None:
-    """Pair the answers to one prompt into `result`; count the answers left out."""
+    """Pair the answers to one prompt into `result` (at most `cap` pairs, 0: all); count the answers left out."""
     if len(group) == 1:
         result.dropped[NO_PAIR] += 1
         return
-    used: set[int] = set()
+    candidates: list[tuple[PreferencePair, int, int]] = []
     seen: set[tuple[str, str]] = set()
     misses: list[set[str]] = [set() for _ in group]
     for i, (a, messages) in enumerate(group):
@@ -159,8 +172,20 @@ def _pair_group(
             if pair_from_record(pair.to_record(), "export", problems) is None:
                 raise AssertionError(f"built an invalid preference pair: {problems}")
             seen.add(texts)
-            result.pairs.append(pair)
-            used.update((i, j))
+            candidates.append((pair, i, j))
+    if cap and len(candidates) > cap:
+        order = sorted(
+            range(len(candidates)), key=lambda k: -(candidates[k][0].meta.get("reward_gap") or 0.0)
+        )
+        kept = set(order[:cap])  # largest gap first; sorted() is stable, so ties keep the earliest
+        for _, i, j in candidates:
+            misses[i].add(CAPPED)
+            misses[j].add(CAPPED)
+        candidates = [c for k, c in enumerate(candidates) if k in kept]
+    used: set[int] = set()
+    for pair, i, j in candidates:
+        result.pairs.append(pair)
+        used.update((i, j))
     result.used += len(used)
     for index, reasons in enumerate(misses):
         if index not in used:
@@ -168,7 +193,13 @@ def _pair_group(
 
 
 def export_preferences(
-    registry: Any, name: str, out: Path | str, *, experiment_id: int | None = None, min_gap: float = 0.5
+    registry: Any,
+    name: str,
+    out: Path | str,
+    *,
+    experiment_id: int | None = None,
+    min_gap: float = 0.5,
+    max_pairs_per_prompt: int = 0,
 ) -> ExportReport:
     """Pair the rated answers of expert `name` (all versions, or the arms of experiment `experiment_id`) and
     write the pairs to `out` (JSONL, atomically) when there is at least one; `registry` is a
@@ -182,7 +213,7 @@ def export_preferences(
             )
     else:
         registry.list_versions(name)  # an unknown expert fails here, with the registry's message
-    paired = pair_answers(registry.logged_answers(name, experiment_id), min_gap)
+    paired = pair_answers(registry.logged_answers(name, experiment_id), min_gap, max_pairs_per_prompt)
     report = ExportReport(paired.pairs, paired.rated, paired.used, paired.dropped)
     if paired.pairs:
         report.path = Path(out)

@@ -113,3 +113,37 @@ def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None
         assert view.config["lineage"]["preferences_sha256"] == preference_file_sha256(PREFS)
         assert view.config["task"]["system_prompt"] == SYSTEM_PROMPT  # same prompt as the parent
         assert registry.resolve("sentiment@prod").version == 1  # registering moves no traffic
+
+
+def test_dpo_on_a_4bit_base_writes_an_ordinary_adapter(tmp_path: Path) -> None:
+    """train.quantize=4bit reaches DPO (it used to be ignored): the base is loaded in 4-bit (bitsandbytes'
+    CPU backend here), the adapter trains, and what is written is an ordinary bf16 LoRA of the same shape
+    as its parent's, which the unquantized base loads."""
+    from safetensors.torch import load_file
+
+    mixture = sentiment_mixture(tmp_path)
+    registry_url, store = f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sft = train_mixture(mixture, tmp_path / "sft", progress=False)
+    with Registry(registry_url, store) as registry:
+        registry.register_run(sft)
+    overrides = {"train.quantize": "4bit", "dpo.max_steps": 2, "dpo.batch_size": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = train_dpo(
+            mixture, tmp_path / "dpo", PREFS, "sentiment@1", registry_url=registry_url, store_dir=store,
+            overrides=overrides, progress=False,
+        )  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["dpo"]["quantize"], metrics["train"]["steps"]) == ("4bit", 2)
+    assert "quantize: 4bit" in (run / "mixture.yaml").read_text()
+
+    parent = load_file(sft / "experts" / "sentiment" / "adapter_model.safetensors")
+    child = load_file(run / "experts" / "sentiment" / "adapter_model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in child.items()} == {
+        k: (v.shape, v.dtype) for k, v in parent.items()
+    }
+    assert any(not child[k].equal(parent[k]) for k in parent)  # DPO moved the adapter
+    with Registry(registry_url, store) as registry:
+        assert registry.register_run(run).experts[0].ref == "sentiment@2"

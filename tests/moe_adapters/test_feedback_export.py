@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from moe_adapters.feedback_export import (
+    CAPPED,
     DROP_REASONS,
     DUPLICATE,
     EMPTY_ANSWER,
@@ -169,6 +170,35 @@ def test_every_rated_answer_is_in_a_pair_or_counted_under_one_reason(
     assert report.rated == report.used + sum(report.dropped.values())
 
 
+def test_max_pairs_per_prompt_keeps_the_largest_gaps_then_the_earliest(
+    registry: Registry, tmp_path: Path
+) -> None:
+    for reward, text in [(0.0, "A."), (1.0, "B."), (5.0, "C."), (2.0, "D.")]:  # 6 pairs for "busy"
+        served(registry, 1, ask("busy"), text, reward=reward)
+    served(registry, 1, ask("quiet"), "Up.", thumbs=True)
+    served(registry, 2, ask("quiet"), "Down.", thumbs=False)
+
+    report = export_preferences(registry, "summarize", tmp_path / "all.jsonl", min_gap=0.5)
+    assert len(report.pairs) == 7
+    capped = export_preferences(
+        registry, "summarize", tmp_path / "capped.jsonl", min_gap=0.5, max_pairs_per_prompt=2
+    )
+    assert [(p.prompt, p.chosen, p.rejected) for p in capped.pairs] == [
+        ("busy", "C.", "A."),  # gap 5
+        ("busy", "C.", "B."),  # gap 4
+        ("quiet", "Up.", "Down."),  # under the cap: kept
+    ]
+    assert capped.dropped == Counter({CAPPED: 1}) and capped.used == 5  # "D." is only in capped pairs
+    assert capped.rated == capped.used + sum(capped.dropped.values())
+
+    tied = export_preferences(
+        registry, "summarize", tmp_path / "one.jsonl", min_gap=0.5, max_pairs_per_prompt=1
+    )
+    assert [(p.chosen, p.rejected) for p in tied.pairs] == [("C.", "A."), ("Up.", "Down.")]
+    with pytest.raises(ValueError, match="max_pairs_per_prompt"):
+        export_preferences(registry, "summarize", tmp_path / "x.jsonl", max_pairs_per_prompt=-1)
+
+
 def test_experiment_limits_the_pairs_to_its_arms(registry: Registry, tmp_path: Path) -> None:
     first = registry.start_experiment("summarize", [(1, 50), (2, 50)], metric="thumbs")
     served(registry, 1, ask("q"), "Arm one, first run.", thumbs=False, experiment_id=first.id)
@@ -217,3 +247,11 @@ def test_cli_prints_pairs_and_drop_reasons(registry: Registry, tmp_path: Path) -
         moea, ["feedback", "export", "summarize", "--out", str(out), "--min-gap", "-1", *common]
     )
     assert result.exit_code == 2 and "--min-gap" in result.output
+
+    served(registry, 1, ask("q"), "A third answer.", thumbs=False)  # q now makes two pairs
+    args = ["feedback", "export", "summarize", "--out", str(out), "--max-pairs-per-prompt", "1", *common]
+    result = CliRunner().invoke(moea, args)
+    assert result.exit_code == 0 and f"wrote 1 pair(s) to {out}" in result.output
+    assert f"dropped, {CAPPED}: 1" in result.output
+    result = CliRunner().invoke(moea, [*args[: -len(common) - 1], "-1", *common])
+    assert result.exit_code == 2 and "--max-pairs-per-prompt" in result.output
