@@ -78,8 +78,10 @@ async def load(
 ) -> dict[str, float]:
     """Closed-loop load: each client sends chat requests back to back, cycling through `models`.
 
-    Returns generated tokens/s (from each response's usage), requests/s and failures."""
+    Returns generated tokens/s (from each response's usage), requests/s, failures and the p50/p95 latency
+    (ms) of the answered requests."""
     tokens = requests = failures = 0
+    latencies: list[float] = []
     stop_at = time.monotonic() + duration_s
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
@@ -96,20 +98,27 @@ async def load(
                     "temperature": 0.0,
                     "ignore_eos": True,
                 }
+                sent = time.monotonic()
                 response = await client.post("/v1/chat/completions", json=body)
                 if response.status_code != 200:
                     failures += 1
                     continue
+                latencies.append((time.monotonic() - sent) * 1000.0)
                 tokens += response.json()["usage"]["completion_tokens"]
                 requests += 1
 
         started = time.monotonic()
         await asyncio.gather(*(worker(i) for i in range(clients)))
         wall = time.monotonic() - started
-    return {"tokens_per_s": tokens / wall, "requests_per_s": requests / wall, "failures": failures}
+    cuts = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+    return {
+        "tokens_per_s": tokens / wall, "requests_per_s": requests / wall, "failures": failures,
+        "p50_ms": statistics.median(latencies) if latencies else float("nan"),
+        "p95_ms": cuts[18] if cuts else float("nan"),
+    }  # fmt: skip
 
 
-async def _healthy(*engines: Any) -> None:
+async def wait_healthy_all(*engines: Any) -> None:
     async with httpx.AsyncClient() as client:
         await asyncio.gather(*(engine.wait_healthy(client) for engine in engines))
 
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines.values():
             engine.start()
         try:
-            asyncio.run(_healthy(*engines.values()))
+            asyncio.run(wait_healthy_all(*engines.values()))
             asyncio.run(
                 _load_adapters(
                     engines["stock"].url, {e.ref: home / "run" / "experts" / e.name for e in experts}

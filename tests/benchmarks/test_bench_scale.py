@@ -13,6 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import bench_adapter_curve  # noqa: E402
 import bench_gateway  # noqa: E402
 import bench_router_scale  # noqa: E402
 import common  # noqa: E402
@@ -105,3 +106,27 @@ def test_readme_curves_are_the_ones_generated_from_the_results_files() -> None:
     assert expected is not None, "no results file has a curve"
     fix = "run `python benchmarks/report.py --write README.md`"
     assert report.marked_section(readme, report.CURVES_START, report.CURVES_END) == expected, fix
+
+
+def test_adapter_curve_row_pairs_the_rounds_and_counts_the_swaps() -> None:
+    """The ratio is the median of per-round ratios (each round measured both arms), not a ratio of medians."""
+
+    def run(tok: float, p50: float, loads: float | None = None) -> dict[str, float]:
+        extra = {} if loads is None else {"loads": loads, "unloads": loads}
+        return {
+            "tokens_per_s": tok,
+            "requests_per_s": 1.0,
+            "failures": 0,
+            "p50_ms": p50,
+            "p95_ms": 2 * p50,
+            **extra,
+        }
+
+    runs = {
+        "moea": [run(50, 10, 4), run(90, 30, 8), run(40, 20, 6)],
+        "vllm_base": [run(100, 5), run(100, 6), run(50, 7)],
+    }
+    row = bench_adapter_curve.row(16, runs)
+    assert row["ratio_paired"] == 0.8  # per round 0.5, 0.9, 0.8; the ratio of medians would be 0.5
+    assert (row["moea_tokens_per_s"], row["base_tokens_per_s"], row["moea_p50_ms"]) == (50, 100, 20)
+    assert (row["loads_per_arm"], row["failures"], row["count"]) == (6, 0, 16)
