@@ -71,7 +71,8 @@ def sentiment_mixture(tmp_path: Path) -> Path:
     return path
 
 
-def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None:
+def registered_sft(tmp_path: Path) -> tuple[Path, Path, str, Path]:
+    """(mixture, SFT run dir, registry URL, store) with the briefly trained expert registered as sentiment@1."""
     mixture = sentiment_mixture(tmp_path)
     registry_url, store = f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"
     with warnings.catch_warnings():
@@ -79,6 +80,11 @@ def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None
         sft = train_mixture(mixture, tmp_path / "sft", progress=False)
     with Registry(registry_url, store) as registry:
         assert registry.register_run(sft).experts[0].ref == "sentiment@1"
+    return mixture, sft, registry_url, store
+
+
+def test_dpo_moves_the_expert_towards_the_chosen_answers(tmp_path: Path) -> None:
+    mixture, _, registry_url, store = registered_sft(tmp_path)
 
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -121,13 +127,7 @@ def test_dpo_on_a_4bit_base_writes_an_ordinary_adapter(tmp_path: Path) -> None:
     as its parent's, which the unquantized base loads."""
     from safetensors.torch import load_file
 
-    mixture = sentiment_mixture(tmp_path)
-    registry_url, store = f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sft = train_mixture(mixture, tmp_path / "sft", progress=False)
-    with Registry(registry_url, store) as registry:
-        registry.register_run(sft)
+    mixture, sft, registry_url, store = registered_sft(tmp_path)
     overrides = {"train.quantize": "4bit", "dpo.max_steps": 2, "dpo.batch_size": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
