@@ -1,8 +1,9 @@
 """Serving vs the number of distinct adapters in the traffic: `moea serve` over 1 … 64 expert versions.
 
 Question (issue 14's first curve): how do throughput and latency through `moea serve` change when a
-round-robin load (C closed-loop clients) is spread over 1, 2, 4, 8, 16, 32, 64 distinct expert versions,
-with ``--max-loras SLOTS`` smaller than the larger counts (adapters then swap in and out of the engine),
+round-robin load (C closed-loop clients) is spread over 1, 2, 4, 8, 16, 32, 64 distinct expert versions
+(versions 1…N of one expert, requested pinned as ``model="expert@v"``), with ``--max-loras SLOTS``
+smaller than the larger counts (adapters then swap in and out of the engine),
 against plain vLLM serving the base model under the same load (target: ≥ 0.5× at 64 versions and 8
 slots)? The same engine settings as ``bench_multi_lora.py`` (moea's CPU LoRA kernel, no base-LoRA guard);
 vLLM's ``--max-loras`` and ``--max-cpu-loras`` are SLOTS, and so is the gateway's ``--max-loras``.
@@ -33,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
-from bench_multi_lora import expert_run, load, wait_healthy_all  # noqa: E402
+from bench_multi_lora import load, wait_healthy_all  # noqa: E402
 from bench_serving import KEY, moea_serve  # noqa: E402
 from common import curve, mode, pyplot, save_plot, standard_parser, summary, write_result  # noqa: E402
+
+EXPERT = "expert"
+"""The one expert whose versions make the traffic."""
 
 TARGET_RATIO = 0.5
 """moea over the largest count must generate at least this share of the base-only tokens/s."""
@@ -60,6 +64,19 @@ SIZES: dict[str, dict[str, Any]] = {
     },  # fmt: skip
 }
 """Default clients, seconds per arm and round, rounds, tokens per request, adapter counts and slots."""
+
+
+def register_versions(registry: Any, home: Path, base: str, count: int) -> list[str]:
+    """Versions 1..count of one expert, each a run dir with its own random LoRA; their pinned model names.
+
+    One expert, so that only its serving version (the latest) must stay loaded: the gateway refuses a
+    --max-loras below the number of serving versions, and the other versions, addressed as ``expert@v``,
+    are loaded on demand and evicted least-recently-used: the swapping this curve measures."""
+    from tests.serving.conftest import build_run_dir
+
+    for version in range(1, count + 1):
+        registry.register_run(build_run_dir(home / f"run{version}", base, version, None, (EXPERT,)))
+    return [f"{EXPERT}@{version}" for version in range(1, count + 1)]
 
 
 async def adapter_operations(url: str) -> dict[str, float]:
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moea-bench-adapter-curve-") as tmp:
         home = Path(tmp)
         registry = Registry(f"sqlite:///{home / 'registry.db'}", home / "store")
-        names = [e.name for e in registry.register_run(expert_run(home / "run", base, max(counts))).experts]
+        names = register_versions(registry, home, base, max(counts))
         registry.close()
         common = {"model": base, "served_name": DEFAULT_BASE_NAME, "cpu_threads_bind": bind}
         engines = {

@@ -82,7 +82,8 @@ def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"moea serve exited; see {home / 'serve.log'}")
+                tail = (home / "serve.log").read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError("moea serve exited:\n" + "\n".join(tail))
             if time.monotonic() > deadline:
                 raise RuntimeError("moea serve did not become healthy in 600 s")
             try:
