@@ -24,6 +24,7 @@ round, 4 tokens (checks that it runs). Writes benchmarks/results/adapter_curve.j
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -102,7 +103,10 @@ def measure_count(
     from moe_adapters.base_model import DEFAULT_BASE_NAME
 
     auth = {"Authorization": f"Bearer {KEY}"}
-    asyncio.run(load(gateway, names, load_args[0], 1.0, 2, auth))  # warm-up: the first adapters load
+    # One round-robin counter for all clients and arms: consecutive requests go to consecutive versions and
+    # every version is requested (per-client offsets would keep ~2 x clients versions in use whatever N is).
+    cycle = itertools.count()
+    asyncio.run(load(gateway, names, load_args[0], 1.0, 2, auth, cycle))  # warm-up: the first adapters load
     runs: dict[str, list[dict[str, Any]]] = {"vllm_base": [], "moea": []}
     for r in range(rounds):
         for arm in ("vllm_base", "moea") if r % 2 == 0 else ("moea", "vllm_base"):
@@ -110,7 +114,7 @@ def measure_count(
                 runs[arm].append(asyncio.run(load(base_url, [DEFAULT_BASE_NAME], *load_args, {})))
                 continue
             before = asyncio.run(adapter_operations(gateway))
-            result = asyncio.run(load(gateway, names, *load_args, auth))
+            result = asyncio.run(load(gateway, names, *load_args, auth, cycle))
             after = asyncio.run(adapter_operations(gateway))
             result.update(loads=after["load"] - before["load"], unloads=after["unload"] - before["unload"])
             runs[arm].append(result)

@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,17 @@ def expert_run(root: Path, base: str, n_experts: int) -> Path:
 
 
 async def load(
-    url: str, models: list[str], clients: int, duration_s: float, max_tokens: int, headers: dict[str, str]
+    url: str,
+    models: list[str],
+    clients: int,
+    duration_s: float,
+    max_tokens: int,
+    headers: dict[str, str],
+    shared_cycle: Iterator[int] | None = None,
 ) -> dict[str, float]:
-    """Closed-loop load: each client sends chat requests back to back, cycling through `models`.
+    """Closed-loop load: each client sends chat requests back to back, cycling through `models` from its own
+    offset; with `shared_cycle` every request takes the next index of that one counter instead, so that
+    consecutive requests (of all clients, across calls) go to consecutive models and every model is used.
 
     Returns generated tokens/s (from each response's usage), requests/s, failures and the p50/p95 latency
     (ms) of the answered requests."""
@@ -88,7 +97,7 @@ async def load(
 
         async def worker(offset: int) -> None:
             nonlocal tokens, requests, failures
-            cycle = itertools.count(offset)
+            cycle = shared_cycle if shared_cycle is not None else itertools.count(offset)
             while time.monotonic() < stop_at:
                 i = next(cycle)
                 body = {
