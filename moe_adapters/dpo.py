@@ -43,7 +43,7 @@ from moe_adapters.dpo_eval import (
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
 from moe_adapters.prompting import version_prompt_spec
-from moe_adapters.quantize import QUANTIZE_4BIT, check_quantize_backend, load_quantized_base
+from moe_adapters.quantize import check_quantize_backend, load_training_base
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
 from moe_adapters.train import _load_tokenizer
 from moe_adapters.train_outputs import run_header, write_adapter_folder
@@ -184,14 +184,9 @@ def load_policy(
     """The base model (in 4-bit with ``quantize`` 4bit) with the version's adapter as the trainable
     ``default`` adapter."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     device, dtype = pick_device()
-    if quantize == QUANTIZE_4BIT:
-        model = load_quantized_base(base_path, device, gradient_checkpointing)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-    model.config.use_cache = False
+    model = load_training_base(base_path, device, dtype, quantize, gradient_checkpointing)
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="default", is_trainable=True)
 
 

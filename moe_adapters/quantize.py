@@ -83,3 +83,18 @@ def load_quantized_base(base_path: str, device: torch.device, gradient_checkpoin
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def load_training_base(
+    base_path: str, device: torch.device, dtype: torch.dtype, quantize: str, gradient_checkpointing: bool
+) -> Any:
+    """The base model to train adapters on (SFT and DPO): in 4-bit with ``quantize`` 4bit (QLoRA, see
+    :func:`load_quantized_base`), else in ``dtype``; on ``device``, KV cache off."""
+    if quantize == QUANTIZE_4BIT:
+        model = load_quantized_base(base_path, device, gradient_checkpointing)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    model.config.use_cache = False
+    return model

@@ -17,7 +17,7 @@ from moe_adapters.data import Example, MixtureData
 from moe_adapters.data_batches import BucketBatcher
 from moe_adapters.hardware import pick_device
 from moe_adapters.parallel import Parallel
-from moe_adapters.quantize import QUANTIZE_4BIT, load_quantized_base
+from moe_adapters.quantize import QUANTIZE_4BIT, load_training_base
 from moe_adapters.sampling import TaskSampler
 
 MULTITASK_NAME = "multitask"
@@ -156,15 +156,12 @@ def _model_with_adapters(
     per name, in training mode (added in ``names`` order: each LoRA init draws from torch's RNG, which the
     run's seed fixes); with ``train.quantize: 4bit`` the base is loaded in 4-bit (QLoRA)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     default_device, dtype = pick_device()
     device = device or default_device
-    if config.train.quantize == QUANTIZE_4BIT:
-        model = load_quantized_base(base_path, device, config.train.gradient_checkpointing)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-    model.config.use_cache = False
+    model = load_training_base(
+        base_path, device, dtype, config.train.quantize, config.train.gradient_checkpointing
+    )
     if config.train.gradient_checkpointing and config.train.quantize != QUANTIZE_4BIT:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
