@@ -59,7 +59,8 @@ def base_prepare(base_spec: str | None) -> None:
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue from the checkpoint in --out after a crash. Without one (new or empty --out) training "
+    help="Continue from the checkpoint in --out after a crash (with --dpo: its latest DPO checkpoint, same "
+    "inputs only). Without one (new or empty --out) training "
     "starts from step 0 and says so, so job scripts can always pass it; a finished run (run.json) is "
     "refused, never retrained.",
 )
@@ -135,7 +136,7 @@ def train(
     """Train one LoRA expert per task of MIXTURE (YAML) and the router, into a run dir; with --dpo, tune one
     registered expert on preference pairs instead."""
     if dpo_file is not None or from_ref is not None or dpo_heldout is not None:
-        _check_dpo_options(dpo_file, from_ref, resume or single_adapter or sweep_path is not None)
+        _check_dpo_options(dpo_file, from_ref, single_adapter or sweep_path is not None)
         from .dpo import train_dpo
 
         assert dpo_file is not None and from_ref is not None
@@ -149,6 +150,7 @@ def train(
                 registry_url=registry_url,
                 store_dir=store_dir,
                 overrides=_parse_overrides(overrides),
+                resume=resume,
             )
         click.echo(f"run dir: {run_dir}")
         return
@@ -177,7 +179,7 @@ def train(
 
 
 def _check_dpo_options(dpo_file: Path | None, from_ref: str | None, other_mode: bool) -> None:
-    """--dpo needs --from (and the reverse); it does not combine with --resume, --single-adapter or --sweep."""
+    """--dpo needs --from (and the reverse); it does not combine with --single-adapter or --sweep."""
     if dpo_file is None:
         raise click.UsageError("--from and --dpo-heldout need --dpo PREFS.jsonl (the preference pairs)")
     if from_ref is None:
@@ -186,5 +188,5 @@ def _check_dpo_options(dpo_file: Path | None, from_ref: str | None, other_mode: 
         )
     if other_mode:
         raise click.UsageError(
-            "--dpo tunes one registered expert: drop --resume, --single-adapter and --sweep"
+            "--dpo tunes one registered expert: drop --single-adapter and --sweep"
         )

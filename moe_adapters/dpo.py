@@ -18,6 +18,7 @@ sha256, which ``moea register`` stores with the new version.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -29,7 +30,6 @@ from typing import Any
 import torch
 
 from moe_adapters.base_model import base_model_sha256, resolve_base_model
-from moe_adapters.checkpoint import check_out_dir
 from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.dpo_data import PairTokens, tokenize_pairs
@@ -39,6 +39,15 @@ from moe_adapters.dpo_eval import (
     heldout_line,
     preference_accuracy,
     score_pairs,
+)
+from moe_adapters.dpo_resume import (
+    DPO_CHECKPOINTS,
+    check_dpo_out_dir,
+    check_identity,
+    dpo_identity,
+    load_trained_adapter,
+    remove_resume_state,
+    write_identity,
 )
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
@@ -71,6 +80,7 @@ def train_dpo(
     store_dir: Path | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Train registered version ``from_ref`` with DPO on ``preferences_path`` into run dir ``out_dir``.
 
@@ -78,10 +88,12 @@ def train_dpo(
     and after (``metrics.json`` ``dpo.heldout``). Settings come from the mixture's ``dpo:`` section and
     ``train.num_threads`` / ``train.seed`` / ``train.gradient_checkpointing`` / ``train.quantize`` (4bit:
     the base is loaded in 4-bit, as in QLoRA SFT; the adapter written is an ordinary one).
+    ``resume``: continue from the run dir's latest DPO checkpoint (``train.checkpoint_every`` DPO steps;
+    :mod:`moe_adapters.dpo_resume`), only with the inputs the run started with.
     """
     wall_start = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
-    check_out_dir(out_dir, resume=False)
+    checkpoint = check_dpo_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
     pairs = read_preferences(preferences_path)
     preferences_sha256 = preference_file_sha256(preferences_path)  # hashed as read, before training
@@ -94,14 +106,21 @@ def train_dpo(
     spec = version_prompt_spec(view)
     train_tokens = tokenize_pairs(pairs, tokenizer, spec, config.dpo.max_length)
     heldout_tokens = tokenize_pairs(heldout, tokenizer, spec, config.dpo.max_length) if heldout else None
+    heldout_sha256 = preference_file_sha256(heldout_path) if heldout_path is not None else None
+    identity = dpo_identity(config, view, preferences_sha256, heldout_sha256)
+    if checkpoint is not None:
+        check_identity(out_dir, identity)
     # Everything is checked: from here on the run dir is written.
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_identity(out_dir, identity)
     mixture_text = mixture_yaml(config)
     (out_dir / "mixture.yaml").write_text(mixture_text)
     apply_num_threads(config.train.num_threads, announce=progress)
     torch.manual_seed(config.train.seed)
     model = load_policy(base_path, adapter_dir, config.train.quantize, config.train.gradient_checkpointing)
-    metrics = train_and_measure(model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress)
+    metrics = train_and_measure(
+        model, tokenizer, train_tokens, heldout_tokens, config, view.name, progress, out_dir, checkpoint
+    )
     write_adapter_folder(model, "default", out_dir / "experts" / view.name, base_path)
     lineage = lineage_record(from_ref, view.version, preferences_path, preferences_sha256, len(train_tokens))
     metrics["dpo"]["lineage"] = lineage
@@ -112,6 +131,7 @@ def train_dpo(
     run = dpo_run_record(view, config, base_path, mixture_text, lineage)
     fsync_tree(out_dir)  # run.json is the completion marker: what it vouches for reaches the disk first
     write_json_atomic(out_dir / RUN_MARKER, run)
+    remove_resume_state(out_dir)
     return out_dir
 
 
@@ -138,12 +158,18 @@ def train_and_measure(
     config: MixtureConfig,
     name: str,
     progress: bool,
+    out_dir: Path,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included)."""
+    """Run DPO on ``model`` and return the run's metrics.json (held-back accuracy before/after included).
+
+    "Before" is always the starting version's (``model`` holds it until TRL loads ``resume_from``)."""
     before = score_pairs(model, heldout_tokens) if heldout_tokens else None
     before_greedy = greedy_answers(model, tokenizer, heldout_tokens) if heldout_tokens else []
     step_start = time.perf_counter()
-    log_history = run_dpo(model, tokenizer, train_tokens, config, progress=progress)
+    log_history = run_dpo(
+        model, tokenizer, train_tokens, config, progress=progress, out_dir=out_dir, resume_from=resume_from
+    )
     metrics = dpo_metrics(name, config, log_history, time.perf_counter() - step_start)
     metrics["dpo"]["heldout"] = None
     if heldout_tokens and before is not None:
@@ -205,10 +231,18 @@ def _import_trl() -> tuple[Any, Any]:
 
 
 def run_dpo(
-    model: Any, tokenizer: Any, pairs: list[PairTokens], config: MixtureConfig, *, progress: bool
+    model: Any,
+    tokenizer: Any,
+    pairs: list[PairTokens],
+    config: MixtureConfig,
+    *,
+    progress: bool,
+    out_dir: Path,
+    resume_from: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model``'s ``default`` adapter with TRL's DPOTrainer against a frozen copy of itself (``ref``);
-    returns TRL's log history (one entry per step)."""
+    returns TRL's log history (one entry per step). Checkpoints go to ``out_dir/dpo_checkpoints`` every
+    ``train.checkpoint_every`` steps (0: none); ``resume_from`` continues one."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
@@ -223,10 +257,13 @@ def run_dpo(
 
     dpo = config.dpo
     on_cpu = next(model.parameters()).device.type == "cpu"
-    # TRL's Trainer wants an output_dir; nothing is saved there (the adapter is written by moea).
-    with tempfile.TemporaryDirectory(prefix="moea-dpo-") as scratch:
+    every = config.train.checkpoint_every
+    with contextlib.ExitStack() as stack:
+        # TRL's Trainer wants an output_dir: the checkpoints' folder, or a scratch one without checkpoints
+        # (the adapter itself is written by moea).
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="moea-dpo-")) if every <= 0 else None
         args = DPOConfig(
-            output_dir=scratch,
+            output_dir=scratch or str(out_dir / DPO_CHECKPOINTS),
             max_steps=dpo.max_steps,
             per_device_train_batch_size=dpo.batch_size,
             learning_rate=dpo.lr,
@@ -240,7 +277,9 @@ def run_dpo(
             bf16=not on_cpu,
             seed=config.train.seed,
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="steps" if every > 0 else "no",
+            save_steps=max(every, 1),
+            save_total_limit=1,
             report_to="none",
             remove_unused_columns=False,
             disable_tqdm=not progress,
@@ -255,7 +294,9 @@ def run_dpo(
         if "ref" not in model.peft_config:  # the frozen reference must be the starting version
             raise DpoError("TRL did not create the frozen reference adapter 'ref'; check the trl version")
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        if resume_from is not None:
+            load_trained_adapter(model, resume_from)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     model.set_adapter("default")
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 

@@ -122,8 +122,8 @@ def _train(*args: str) -> Any:
         (["--dpo", str(PREFS)], "--dpo needs --from NAME@ALIAS"),
         (["--from", "sentiment@prod"], "--from and --dpo-heldout need --dpo"),
         (
-            ["--dpo", str(PREFS), "--from", "sentiment@prod", "--resume"],
-            "drop --resume, --single-adapter and --sweep",
+            ["--dpo", str(PREFS), "--from", "sentiment@prod", "--single-adapter"],
+            "drop --single-adapter and --sweep",
         ),
     ],
 )

@@ -6,6 +6,10 @@ the rejected to the chosen form; the run registers as the next version with its 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -148,3 +152,75 @@ def test_dpo_on_a_4bit_base_writes_an_ordinary_adapter(tmp_path: Path) -> None:
     assert any(not child[k].equal(parent[k].to(torch.bfloat16)) for k in parent)  # DPO moved the adapter
     with Registry(registry_url, store) as registry:
         assert registry.register_run(run).experts[0].ref == "sentiment@2"
+
+
+def test_dpo_resumes_after_sigkill_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
+    """A DPO run killed (SIGKILL, a real crash) after its first checkpoint continues with --resume and ends
+    with exactly the adapter of an uninterrupted run; it is never restarted by accident, nor resumed with
+    other preference data or after --from moved to another version."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moe_adapters.dpo_resume import DPO_CHECKPOINTS, DPO_IDENTITY, latest_checkpoint
+    from moe_adapters.train_state import TrainError
+
+    mixture, sft, registry_url, store = registered_sft(tmp_path)
+    overrides = {"dpo.max_steps": 8, "dpo.batch_size": 2, "train.checkpoint_every": 3}
+    common = {"registry_url": registry_url, "store_dir": store, "overrides": overrides, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = train_dpo(mixture, tmp_path / "reference", PREFS, "sentiment@prod", **common)
+    assert not (reference / DPO_CHECKPOINTS).exists() and not (reference / DPO_IDENTITY).exists()
+
+    killed = tmp_path / "killed"
+    script = (
+        "import json, sys; from pathlib import Path; from moe_adapters.dpo import train_dpo; "
+        "a = json.loads(sys.argv[1]); "
+        "train_dpo(Path(a['mixture']), Path(a['out']), Path(a['prefs']), 'sentiment@prod', "
+        "registry_url=a['url'], store_dir=Path(a['store']), overrides=a['overrides'], progress=False)"
+    )
+    args = {"mixture": str(mixture), "out": str(killed), "prefs": str(PREFS), "url": registry_url,
+            "store": str(store), "overrides": overrides}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(args)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint(killed) is None:
+            assert proc.poll() is None, "DPO process exited before writing a checkpoint"
+            assert time.monotonic() < deadline, "no DPO checkpoint written within 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
+    stopped_at = latest_checkpoint(killed)
+    assert stopped_at is not None and stopped_at.name in ("checkpoint-3", "checkpoint-6")
+
+    with pytest.raises(TrainError, match="stopped at dpo_checkpoints/checkpoint-"):
+        train_dpo(mixture, killed, PREFS, "sentiment@prod", **common)
+    with pytest.raises(TrainError, match="preferences_sha256"):
+        train_dpo(mixture, killed, HELDOUT, "sentiment@prod", resume=True, **common)
+    with Registry(registry_url, store) as registry:  # prod moves to a new version: the run started from @1
+        registry.register_run(sft)
+        registry.promote("sentiment@2", "prod")
+    with pytest.raises(TrainError, match="from_version 'sentiment@1' -> 'sentiment@2'"):
+        train_dpo(mixture, killed, PREFS, "sentiment@prod", resume=True, **common)
+    assert latest_checkpoint(killed) == stopped_at  # refusals changed nothing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dpo(mixture, killed, PREFS, "sentiment@1", resume=True, **common)
+    assert json.loads((killed / "metrics.json").read_text())["train"]["steps"] == 8
+    assert not (killed / DPO_CHECKPOINTS).exists() and not (killed / DPO_IDENTITY).exists()
+    expected = load_file(reference / "experts" / "sentiment" / "adapter_model.safetensors")
+    resumed = load_file(killed / "experts" / "sentiment" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, resumed[key]), f"{key} differs after resume"
+    with pytest.raises(TrainError, match="already holds a finished run"):
+        train_dpo(mixture, killed, PREFS, "sentiment@1", resume=True, **common)
