@@ -43,11 +43,10 @@ from moe_adapters.dpo_eval import (
 from moe_adapters.dpo_resume import (
     DPO_CHECKPOINTS,
     check_dpo_out_dir,
-    check_identity,
+    claim_run_dir,
     dpo_identity,
     load_trained_adapter,
     remove_resume_state,
-    write_identity,
 )
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.preferences import preference_file_sha256, read_preferences
@@ -106,13 +105,9 @@ def train_dpo(
     spec = version_prompt_spec(view)
     train_tokens = tokenize_pairs(pairs, tokenizer, spec, config.dpo.max_length)
     heldout_tokens = tokenize_pairs(heldout, tokenizer, spec, config.dpo.max_length) if heldout else None
-    heldout_sha256 = preference_file_sha256(heldout_path) if heldout_path is not None else None
-    identity = dpo_identity(config, view, preferences_sha256, heldout_sha256)
-    if checkpoint is not None:
-        check_identity(out_dir, identity)
-    # Everything is checked: from here on the run dir is written.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_identity(out_dir, identity)
+    identity = dpo_identity(config, view, preferences_sha256, heldout_path)
+    # Everything is checked (a resume's inputs last): from here on the run dir is written.
+    claim_run_dir(out_dir, identity, resuming=checkpoint is not None)
     mixture_text = mixture_yaml(config)
     (out_dir / "mixture.yaml").write_text(mixture_text)
     apply_num_threads(config.train.num_threads, announce=progress)
@@ -255,36 +250,12 @@ def run_dpo(
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             return dataset
 
-    dpo = config.dpo
-    on_cpu = next(model.parameters()).device.type == "cpu"
     every = config.train.checkpoint_every
     with contextlib.ExitStack() as stack:
         # TRL's Trainer wants an output_dir: the checkpoints' folder, or a scratch one without checkpoints
         # (the adapter itself is written by moea).
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="moea-dpo-")) if every <= 0 else None
-        args = DPOConfig(
-            output_dir=scratch or str(out_dir / DPO_CHECKPOINTS),
-            max_steps=dpo.max_steps,
-            per_device_train_batch_size=dpo.batch_size,
-            learning_rate=dpo.lr,
-            beta=dpo.beta,
-            # RPO: plain DPO plus a weighted SFT term on the chosen answers (dpo.sft_weight).
-            loss_type=["sigmoid", "sft"] if dpo.sft_weight > 0 else ["sigmoid"],
-            loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight > 0 else None,
-            max_length=dpo.max_length,
-            gradient_checkpointing=config.train.gradient_checkpointing,
-            use_cpu=on_cpu,
-            bf16=not on_cpu,
-            seed=config.train.seed,
-            logging_steps=1,
-            save_strategy="steps" if every > 0 else "no",
-            save_steps=max(every, 1),
-            save_total_limit=1,
-            report_to="none",
-            remove_unused_columns=False,
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
-        )
+        args = DPOConfig(**dpo_arguments(config, scratch or str(out_dir / DPO_CHECKPOINTS), model, progress))
         trainer = PretokenizedDPOTrainer(
             model=model,
             args=args,
@@ -299,6 +270,35 @@ def run_dpo(
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     model.set_adapter("default")
     return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def dpo_arguments(config: MixtureConfig, output_dir: str, model: Any, progress: bool) -> dict[str, Any]:
+    """TRL ``DPOConfig`` keyword arguments from the mixture's ``dpo:`` and ``train:`` sections."""
+    dpo, every = config.dpo, config.train.checkpoint_every
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return {
+        "output_dir": output_dir,
+        "max_steps": dpo.max_steps,
+        "per_device_train_batch_size": dpo.batch_size,
+        "learning_rate": dpo.lr,
+        "beta": dpo.beta,
+        # RPO: plain DPO plus a weighted SFT term on the chosen answers (dpo.sft_weight).
+        "loss_type": ["sigmoid", "sft"] if dpo.sft_weight > 0 else ["sigmoid"],
+        "loss_weights": [1.0, dpo.sft_weight] if dpo.sft_weight > 0 else None,
+        "max_length": dpo.max_length,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "use_cpu": on_cpu,
+        "bf16": not on_cpu,
+        "seed": config.train.seed,
+        "logging_steps": 1,
+        "save_strategy": "steps" if every > 0 else "no",
+        "save_steps": max(every, 1),
+        "save_total_limit": 1,  # the latest checkpoint is all --resume needs
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "disable_tqdm": not progress,
+        "dataloader_num_workers": 0,
+    }
 
 
 def dpo_metrics(

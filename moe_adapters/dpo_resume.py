@@ -23,6 +23,7 @@ from typing import Any
 
 from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import mixture_yaml
+from moe_adapters.preferences import preference_file_sha256
 from moe_adapters.run_dir import RUN_MARKER, write_json_atomic
 from moe_adapters.train_state import TrainError
 
@@ -34,10 +35,7 @@ DPO_IDENTITY = "dpo_resume.json"
 
 
 def dpo_identity(
-    config: MixtureConfig,
-    view: Any,
-    preferences_sha256: str,
-    heldout_sha256: str | None,
+    config: MixtureConfig, view: Any, preferences_sha256: str, heldout_path: Path | None
 ) -> dict[str, Any]:
     """Everything a DPO run's result depends on, except the thread count (a run may resume elsewhere)."""
     portable = copy.deepcopy(config)
@@ -47,7 +45,7 @@ def dpo_identity(
         "from_version": view.ref,
         "from_sha256": view.sha256,
         "preferences_sha256": preferences_sha256,
-        "heldout_sha256": heldout_sha256,
+        "heldout_sha256": preference_file_sha256(heldout_path) if heldout_path is not None else None,
     }
 
 
@@ -100,7 +98,11 @@ def check_identity(out_dir: Path, identity: dict[str, Any]) -> None:
         )
 
 
-def write_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+def claim_run_dir(out_dir: Path, identity: dict[str, Any], *, resuming: bool) -> None:
+    """Check a resume's inputs (:func:`check_identity`), then create the run dir and record them."""
+    if resuming:
+        check_identity(out_dir, identity)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / DPO_IDENTITY, identity)
 
 

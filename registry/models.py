@@ -166,6 +166,8 @@ class ExpertVersion(SQLModel, table=True):
     mixture_sha256: str | None = Field(default=None, sa_type=String(64), nullable=True)
     git_commit: str | None = Field(default=None, sa_type=String(64), nullable=True)
     parent_version: int | None = Field(default=None, sa_type=Integer, nullable=True)
+    """The version this one was trained from (``moea train --dpo --from``; ``config.lineage`` has the
+    record); None when trained from the base model or imported (revision 0008)."""
     created_at: datetime = _ts()
     created_by: str | None = Field(default=None, sa_type=String(128), nullable=True)
     # revision 0002

@@ -134,7 +134,8 @@ def _insert_version(
     now = utcnow()
     expert_row = _upsert_expert(session, plan, expert, now)
     latest = latest_version_number(session, expert_row.id)
-    parent = _recorded_parent(session, expert_row, expert) if expert.lineage else latest
+    # The version it was trained from (a --dpo --from run); None when trained from the base model.
+    parent = _recorded_parent(session, expert_row, expert) if expert.lineage else None
     artifact = artifact_row(session, tree, "expert")
     row = ExpertVersion(
         expert_id=expert_row.id,

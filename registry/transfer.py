@@ -316,7 +316,7 @@ def _insert_imported(
         run_dir=version.get("run_dir"),
         mixture_sha256=version.get("mixture_sha256"),
         git_commit=version.get("git_commit"),
-        parent_version=latest,
+        parent_version=None,  # a lineage's version numbers belong to the source registry
         created_at=utcnow(),
         created_by=actor,
     )

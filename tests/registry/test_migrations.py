@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def test_foundation_database_upgrades_in_place_with_data_intact(tmp_path: Path) 
         (1, False, "founder@host"),
         (2, False, "founder@host"),
     ]
-    assert old[1].metrics == {"best_val_loss": 1.3} and old[1].parent_version == 1
+    # 0008: the foundation era recorded the previous version as "parent"; trained from the base, it has none.
+    assert old[1].metrics == {"best_val_loss": 1.3} and old[1].parent_version is None
     assert registry.get_version("summarize", 1).files[0].relpath == "adapter_config.json"
     assert registry.latest_router().experts == {"summarize": "summarize@2"}  # type: ignore[union-attr]
     assert registry.resolve("summarize").version == 2
@@ -75,3 +77,29 @@ def test_downgrade_to_foundation_and_back(tmp_path: Path) -> None:
     assert db.current_revision(registry.engine) == "0001_foundation"
     registry = Registry(url, tmp_path / "store")
     assert registry.resolve("summarize@1").sha256
+
+
+def test_0008_keeps_a_lineage_parent_and_clears_a_predecessor_number(tmp_path: Path) -> None:
+    """Rows as 0007 wrote them: a plain v2 with parent 1 (its predecessor), a DPO v3 with parent 1 and its
+    lineage record. After 0008 only the lineage remains a parent."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url, tmp_path / "store")
+    for seed in (1, 2, 3):
+        registry.register_run(make_run_dir(tmp_path / f"run{seed}", ("summarize",), router=False, seed=seed))
+    config = db._alembic_config()
+    with registry.engine.connect() as connection, connection.begin():
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0007_loop")
+        connection.execute(text("UPDATE expert_versions SET parent_version = version - 1 WHERE version > 1"))
+        connection.execute(
+            text("UPDATE expert_versions SET config = :c, parent_version = 1 WHERE version = 3"),
+            {"c": json.dumps({"lineage": {"method": "dpo", "parent": "summarize@1", "parent_version": 1}})},
+        )
+        command.upgrade(config, "head")
+        config.attributes.pop("connection")
+    parents = {
+        v.version: v.parent_version for v in Registry(url, tmp_path / "store").list_versions("summarize")
+    }
+    assert parents == {1: None, 2: None, 3: 1}
