@@ -182,3 +182,20 @@ def running_gateway(registry_url: str, store_dir: Path, base: str, **config: Any
     finally:
         thread.stop()
         registry.close()
+
+
+def wait_for_experiment(url: str, expert: str, experiment_id: int, timeout_s: float = 60.0) -> None:
+    """Until the gateway at `url` serves `expert` through experiment `experiment_id` (its /v1/models card).
+
+    A gateway notices registry changes by polling; a request sent before it noticed a new experiment is
+    served and logged without it. On a loaded CI machine that made a test that started an experiment and
+    sent at once fail (stops 19 and 20): wait for the gateway, not for the registry."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        if any(card["id"] == expert and card.get("experiment") == experiment_id for card in cards):
+            return
+        time.sleep(0.1)
+    raise AssertionError(
+        f"the gateway did not pick up experiment {experiment_id} of {expert} in {timeout_s} s"
+    )

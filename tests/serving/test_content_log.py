@@ -6,7 +6,6 @@ Without the flag no content is stored."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,7 +25,7 @@ from serving.cli_root import moea
 from serving.request_log import RequestLogWriter
 from serving.request_spool import MAX_LINE_BYTES, decode, encode
 
-from .conftest import GatewayThread
+from .conftest import GatewayThread, wait_for_experiment
 from .fake_vllm import fake_vllm
 from .registry_fixtures import make_run_dir
 
@@ -75,19 +74,6 @@ def serve(tmp_path: Path) -> Iterator[object]:
         registry.close()
 
 
-def wait_for_experiment(url: str, experiment_id: int, timeout_s: float = 60.0) -> None:
-    """Until the gateway serves `summarize` through the experiment. It polls the registry (every 0.2 s here);
-    a request sent before it noticed the experiment is logged without it, and logged_answers(experiment)
-    leaves it out: on a loaded CI machine that made this test fail (one id missing) in stops 19 and 20."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
-        if any(card["id"] == "summarize" and card["experiment"] == experiment_id for card in cards):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the gateway did not pick up experiment {experiment_id} in {timeout_s} s")
-
-
 def chat(url: str, user: str, stream: bool) -> tuple[str, str]:
     """(response id to rate, answer text as the client assembled it) of one request for `summarize`."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -104,7 +90,7 @@ def chat(url: str, user: str, stream: bool) -> tuple[str, str]:
 def test_content_of_plain_and_streamed_answers_is_logged_and_exported_as_pairs(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     gateway, registry = serve(log_content=True)
     experiment = registry.start_experiment("summarize", [(1, 50), (2, 50)], metric="thumbs")
-    wait_for_experiment(gateway.url, experiment.id)
+    wait_for_experiment(gateway.url, "summarize", experiment.id)
     seen: dict[str, str] = {}
     for index in range(16):
         request_id, text = chat(gateway.url, f"user-{index}", stream=index % 2 == 1)

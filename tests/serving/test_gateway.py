@@ -231,7 +231,12 @@ def test_without_guard_the_cpu_kernel_keeps_base_requests_base(env: Env) -> None
 
 
 def test_unknown_model_is_openai_404(env: Env) -> None:
-    for model in ("nope", "math@99", "math@canary", "Bad Name!"):  # math@prod exists: set at first registration
+    for model in (
+        "nope",
+        "math@99",
+        "math@canary",
+        "Bad Name!",
+    ):  # math@prod exists: set at first registration
         with pytest.raises(openai.NotFoundError) as caught:
             env.chat(model)
         assert caught.value.body["code"] == "model_not_found", model

@@ -47,7 +47,10 @@ class FakeVLLM:
         @self.app.get("/v1/models")
         async def models() -> dict[str, Any]:
             cards = [{"id": BASE, "root": BASE, "parent": None}]
-            return {"object": "list", "data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in self.loaded.items()]}
+            return {
+                "object": "list",
+                "data": cards + [{"id": n, "root": p, "parent": BASE} for n, p in self.loaded.items()],
+            }
 
         @self.app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> JSONResponse:
@@ -82,8 +85,13 @@ def _record_golden(registry: Registry, ref: str, golden_file: Path) -> None:
     name, version = ref.split("@")
     golden_file.write_text("".join(f'{{"prompt": "{p}", "response": "x"}}\n' for p in PROMPTS))
     golden, _ = registry.attach_golden(name, golden_file)
-    probes = [{"messages": [{"role": "user", "content": p}], "answer": f"answer to {p}", "max_tokens": 8} for p in PROMPTS]
-    registry.record_eval_score(name, int(version), golden.sha256, {"metric": "rougeL", "score": 0.5, "n": 3, "probes": probes})
+    probes = [
+        {"messages": [{"role": "user", "content": p}], "answer": f"answer to {p}", "max_tokens": 8}
+        for p in PROMPTS
+    ]
+    registry.record_eval_score(
+        name, int(version), golden.sha256, {"metric": "rougeL", "score": 0.5, "n": 3, "probes": probes}
+    )
 
 
 @pytest.fixture

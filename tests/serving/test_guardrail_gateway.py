@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from registry.service import Registry
 
-from .conftest import GatewayThread
+from .conftest import GatewayThread, wait_for_experiment
 from .fake_vllm import fake_vllm
 from .registry_fixtures import make_run_dir
 
@@ -73,10 +73,8 @@ def test_gateway_stops_a_failing_arm_and_sends_everyone_to_control(stack: tuple[
         "summarize", [(1, 50), (2, 50)], guardrails=["error_rate<=0.05"], guard_settings={"min_units": 20}
     )
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    deadline = time.monotonic() + 10
     answers: dict[str, str | None] = {}
-    while time.monotonic() < deadline and registry.active_experiment("summarize") is None:
-        time.sleep(0.1)  # the gateway's watcher picks the experiment up
+    wait_for_experiment(url, "summarize", experiment.id)  # the gateway, not the registry, must know it
     for index in range(200):
         answers[f"user-{index}"] = ask(client, f"user-{index}")
         if registry.get_experiment(experiment.id).status == "stopped":
