@@ -187,6 +187,4 @@ def _check_dpo_options(dpo_file: Path | None, from_ref: str | None, other_mode: 
             "--dpo needs --from NAME@ALIAS (e.g. --from sentiment@prod): the registered version to tune"
         )
     if other_mode:
-        raise click.UsageError(
-            "--dpo tunes one registered expert: drop --single-adapter and --sweep"
-        )
+        raise click.UsageError("--dpo tunes one registered expert: drop --single-adapter and --sweep")

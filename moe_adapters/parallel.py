@@ -10,9 +10,9 @@ one all-reduce: what ``DistributedDataParallel`` does, without wrapping a model 
 of which one is trained per step (DDP would need ``find_unused_parameters`` and its forward, which the
 response-only loss bypasses). Ranks therefore stay bit-for-bit equal. Only rank 0 writes the run dir.
 
-FSDP and DeepSpeed are refused with a clear error: they shard the base model, and this loop calls the
-backbone directly (see :func:`moe_adapters.train_step.response_loss`); a big base fits with QLoRA
-(``train.quantize: 4bit``) instead.
+Under an FSDP accelerate config the base model's decoder layers are sharded across the ranks and the
+adapters are not (:mod:`moe_adapters.fsdp`); everything above holds unchanged. DeepSpeed is refused with a
+clear error (use FSDP, or QLoRA: ``train.quantize: 4bit``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from typing import Any
 
 import torch
 
+from moe_adapters.fsdp import FsdpError, FsdpSettings, fsdp_settings_from_env
+
 LAUNCHER_ENV = "WORLD_SIZE"
 """Set by ``accelerate launch`` / ``torchrun`` for each worker process."""
-SHARDING_ENVS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+SHARDING_ENVS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+"""Launch modes refused (FSDP is handled: moe_adapters.fsdp)."""
 
 
 class ParallelError(RuntimeError):
@@ -40,6 +43,8 @@ class Parallel:
     world_size: int = 1
     device: torch.device | None = None
     """The device accelerate assigned to this rank; None: :func:`moe_adapters.hardware.pick_device`."""
+    fsdp: FsdpSettings | None = None
+    """Set under an FSDP launch: the base's decoder layers are sharded (:mod:`moe_adapters.fsdp`)."""
 
     @property
     def is_main(self) -> bool:
@@ -103,9 +108,13 @@ def detect_parallel() -> Parallel:
     for env, name in SHARDING_ENVS.items():
         if os.environ.get(env, "false").lower() == "true":
             raise ParallelError(
-                f"{name} is not supported by moea train (every rank holds the whole base model): use a "
-                "plain multi-GPU accelerate config (DDP), and train.quantize=4bit for a base that does not fit"
+                f"{name} is not supported by moea train: use an FSDP or a plain multi-process (DDP) "
+                "accelerate config, or train.quantize=4bit for a base that does not fit"
             )
+    try:
+        fsdp = fsdp_settings_from_env()
+    except FsdpError as error:
+        raise ParallelError(str(error)) from error
     from accelerate import PartialState
 
     cpu = (
@@ -113,7 +122,7 @@ def detect_parallel() -> Parallel:
         or not torch.cuda.is_available()
     )
     state = PartialState(cpu=cpu)
-    return Parallel(rank=state.process_index, world_size=state.num_processes, device=state.device)
+    return Parallel(rank=state.process_index, world_size=state.num_processes, device=state.device, fsdp=fsdp)
 
 
 TEST_DIGEST_ENV = "MOEA_TEST_ONLY_RANK_DIGESTS"

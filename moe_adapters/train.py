@@ -34,6 +34,7 @@ from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpo
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
+from moe_adapters.fsdp import gather_for_one_rank
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.parallel import TEST_DIGEST_ENV, Parallel, adapter_digest, detect_parallel
 from moe_adapters.quantize import check_quantize_backend
@@ -74,6 +75,8 @@ def train_mixture(
     state = check_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
     check_quantize_backend(config.train.quantize, parallel.device or pick_device()[0])
+    if parallel.fsdp is not None and config.train.quantize != "none":
+        raise TrainError("train.quantize=4bit does not combine with FSDP in moea: use FSDP, or 4bit with DDP")
     budget_record = apply_budget(config, single_adapter, budget)
     drop_recipes_for_single_adapter(config, single_adapter)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -104,6 +107,8 @@ def train_mixture(
     run_training(trainer, out_dir, identity, progress=progress)
     if os.environ.get(TEST_DIGEST_ENV):
         write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
+    if parallel.fsdp is not None:
+        gather_for_one_rank(trainer.model)  # every rank, so that rank 0 may run forwards alone
     if parallel.is_main:
         trainer.parallel = Parallel()  # rank 0 finishes alone (end-of-run evals, router): no collectives
         finalize_run(

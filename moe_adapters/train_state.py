@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from moe_adapters.config import SHARED_ADAPTER, MixtureConfig
 from moe_adapters.data import Example, MixtureData
 from moe_adapters.data_batches import BucketBatcher
+from moe_adapters.fsdp import broadcast_rank0_weights, shard_base
 from moe_adapters.hardware import pick_device
 from moe_adapters.parallel import Parallel
 from moe_adapters.quantize import QUANTIZE_4BIT, load_training_base
@@ -115,7 +117,7 @@ def build_trainer(
     groups = {MULTITASK_NAME: tasks} if single_adapter else {t: [t] for t in tasks}
     if not single_adapter and config.train.shared_steps > 0:
         groups[SHARED_ADAPTER] = tasks
-    device, peft_model = _model_with_adapters(config, base_path, list(groups), parallel.device)
+    device, peft_model = _model_with_adapters(config, base_path, list(groups), parallel)
     experts = {
         name: _expert_state(config, peft_model, name, members, probabilities)
         for name, members in groups.items()
@@ -150,18 +152,21 @@ def build_trainer(
 
 
 def _model_with_adapters(
-    config: MixtureConfig, base_path: str, names: list[str], device: torch.device | None = None
+    config: MixtureConfig, base_path: str, names: list[str], parallel: Parallel
 ) -> tuple[torch.device, Any]:
-    """The base model on the training device (``device``, else :func:`pick_device`'s) with one LoRA adapter
+    """The base model on the training device (the rank's, else :func:`pick_device`'s) with one LoRA adapter
     per name, in training mode (added in ``names`` order: each LoRA init draws from torch's RNG, which the
-    run's seed fixes); with ``train.quantize: 4bit`` the base is loaded in 4-bit (QLoRA)."""
+    run's seed fixes); with ``train.quantize: 4bit`` the base is loaded in 4-bit (QLoRA). Under FSDP the
+    base's decoder layers are then sharded across the ranks (:mod:`moe_adapters.fsdp`)."""
     from peft import LoraConfig, get_peft_model
 
     default_device, dtype = pick_device()
-    device = device or default_device
+    device = parallel.device or default_device
     model = load_training_base(
         base_path, device, dtype, config.train.quantize, config.train.gradient_checkpointing
     )
+    if parallel.fsdp is not None:
+        broadcast_rank0_weights(model)
     if config.train.gradient_checkpointing and config.train.quantize != QUANTIZE_4BIT:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
@@ -176,6 +181,16 @@ def _model_with_adapters(
     for name in names[1:]:
         peft_model.add_adapter(_ADAPTER_PREFIX + name, lora_config)
     peft_model.train()
+    if parallel.fsdp is not None:
+        layers = shard_base(peft_model, parallel.fsdp, device, parallel.world_size)
+        if parallel.is_main:
+            mode = "FULL_SHARD" if parallel.fsdp.reshard_after_forward else "SHARD_GRAD_OP"
+            print(
+                f"FSDP: {layers} decoder layers sharded over {parallel.world_size} ranks ({mode}); "
+                "adapters, embeddings and LM head replicated",
+                file=sys.stderr,
+                flush=True,
+            )
     return device, peft_model
 
 

@@ -17,6 +17,7 @@ from moe_adapters.config import SHARED_ADAPTER
 from moe_adapters.data import Example
 from moe_adapters.data_batches import collate
 from moe_adapters.data_tokenize import IGNORE_INDEX
+from moe_adapters.fsdp import equal_forward_counts
 from moe_adapters.train_state import ExpertState, Trainer
 
 
@@ -111,16 +112,23 @@ def evaluate_expert(trainer: Trainer, expert: ExpertState, tasks: list[str] | No
     examples = sorted(
         examples[: bs * max(1, trainer.config.train.eval_batches)], key=lambda e: len(e.input_ids)
     )
-    examples = examples[trainer.parallel.rank :: trainer.parallel.world_size]
+    mine = examples[trainer.parallel.rank :: trainer.parallel.world_size]
+    batches = [mine[i : i + bs] for i in range(0, len(mine), bs)]
+    forwards = len(batches)
+    if trainer.parallel.fsdp is not None:  # sharded layers gather in every forward: all ranks run as many
+        forwards = equal_forward_counts(len(batches), trainer.parallel)
     _activate(trainer, expert)
     trainer.model.eval()
     total = torch.zeros((), device=trainer.device)
     count = torch.zeros((), device=trainer.device)
-    for i in range(0, len(examples), bs):
-        batch = {k: v.to(trainer.device) for k, v in collate(examples[i : i + bs], trainer.pad_id).items()}
+    for i in range(forwards):
+        counted = i < len(batches)
+        rows = batches[i] if counted else examples[:1]  # an extra forward, left out of the sums
+        batch = {k: v.to(trainer.device) for k, v in collate(rows, trainer.pad_id).items()}
         loss, n = response_loss(trainer.model, batch)
-        total += loss * n
-        count += n
+        if counted:
+            total += loss * n
+            count += n
     trainer.model.train()
     trainer.parallel.sum_(total, count)
     return float(total / count)

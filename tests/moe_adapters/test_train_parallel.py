@@ -46,15 +46,58 @@ def test_one_process_has_no_collectives(monkeypatch: pytest.MonkeyPatch) -> None
     assert parallel.gather_objects("x") == ["x"]
 
 
-@pytest.mark.parametrize(
-    ("env", "name"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
-)
-def test_sharding_launchers_are_refused(monkeypatch: pytest.MonkeyPatch, env: str, name: str) -> None:
+def test_deepspeed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(env, "true")
-    with pytest.raises(ParallelError, match=f"^{name} is not supported by moea train") as error:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ParallelError, match="^DeepSpeed is not supported by moea train") as error:
         detect_parallel()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, "parameter offload is not supported"),
+        ({"FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "use a plain multi-process accelerate config"),
+        ({"FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "FULL_SHARD or SHARD_GRAD_OP"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "train.gradient_checkpointing=true"),
+    ],
+)
+def test_fsdp_settings_moea_does_not_implement_are_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ParallelError, match=message) as error:
+        detect_parallel()  # before any process group is set up
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "reshard"),
+    [
+        ({}, True),
+        ({"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, False),
+        ({"FSDP_SHARDING_STRATEGY": "1"}, True),  # accelerate's FSDP1 numbering
+        ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, False),
+        ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "false"}, True),  # a v2-only key
+    ],
+)
+def test_fsdp_settings_from_an_accelerate_config(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], reshard: bool
+) -> None:
+    from moe_adapters.fsdp import fsdp_settings_from_env
+
+    for key in ("FSDP_SHARDING_STRATEGY", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD"):
+        monkeypatch.delenv(key, raising=False)
+    assert fsdp_settings_from_env() is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = fsdp_settings_from_env()
+    assert settings is not None and settings.reshard_after_forward is reshard
 
 
 def test_adapter_digest_sees_every_byte() -> None:
@@ -122,7 +165,7 @@ MAX_STEPS = 8
 
 
 def _launch_command(out: Path, port: int) -> list[str]:
-    """`moea train` on 2 CPU ranks through accelerate (checkpoint at step 4 of 8)."""
+    """`moea train` on 2 CPU ranks through accelerate (checkpoint at step 4 of 8, uneven validation)."""
     return [
         sys.executable,
         "-m",
@@ -154,6 +197,12 @@ def _launch_command(out: Path, port: int) -> list[str]:
         "train.eval_every=2",
         "--set",
         "train.checkpoint_every=4",
+        # 9 validation rows per task: the ranks evaluate 5 and 4 rows, 2 and 1 batches (FSDP must still run
+        # as many forwards on each rank: moe_adapters.fsdp.equal_forward_counts).
+        "--set",
+        "splits.train=0.7875",
+        "--set",
+        "splits.val=0.1125",
     ]
 
 
@@ -183,9 +232,11 @@ def _kill_run(out: Path) -> None:
             continue
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(tmp_path: Path) -> None:
-    out, digests = tmp_path / "run", tmp_path / "digests"
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """(run dir, each rank's digests) of one DDP launch on 2 CPU ranks, shared by the DDP and FSDP tests."""
+    root = tmp_path_factory.mktemp("ddp")
+    out, digests = root / "run", root / "digests"
     start = time.perf_counter()
     result = subprocess.run(
         _launch_command(out, _free_port()),
@@ -198,8 +249,14 @@ def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(tmp_path: 
     wall_s = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"DDP 2 CPU ranks, {MAX_STEPS} steps: {wall_s:.1f} s wall")
+    return out, _rank_digests(digests)
 
-    ranks = _rank_digests(digests)
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(
+    tmp_path: Path, ddp_run: tuple[Path, list[dict]]
+) -> None:
+    out, ranks = ddp_run
     assert ranks[0] == ranks[1], "the ranks ended with different adapters or step counts"
     assert ranks[0]["world_size"] == 2 and ranks[0]["global_step"] == MAX_STEPS
     metrics = json.loads((out / "metrics.json").read_text())
@@ -245,3 +302,54 @@ def test_unknown_quantize_value_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"train.quantize: '8bit' is not one of \['none', '4bit'\]"):
         load_mixture(MIXTURE, {"train.quantize": "8bit"})
     assert load_mixture(MIXTURE).train.quantize == "none"
+
+
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_accelerate_config_file_trains_the_ddp_adapters(
+    tmp_path: Path, ddp_run: tuple[Path, list[dict]]
+) -> None:
+    """`accelerate launch --config_file fsdp.yaml` (FSDP2, FULL_SHARD, 2 CPU ranks): the base's decoder
+    layers are sharded, and the run ends with exactly the adapters, step counts and validation losses of the
+    DDP run (the adapters are not sharded and the sharded weights are gathered exactly for each forward).
+    With cpu_ram_efficient_loading (accelerate's default) transformers loads the base on rank 0 only and
+    zeros elsewhere: moea sends rank 0's weights first (without that, rank 1 trained on zeros)."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    out, digests = tmp_path / "run", tmp_path / "digests"
+    ddp_launch = _launch_command(out, _free_port())
+    train_args = ddp_launch[ddp_launch.index("-m", 3) :]  # `-m serving.cli_root train …`
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", str(_free_port()), *train_args]  # fmt: skip
+    env = {k: v for k, v in _launch_env(digests).items() if k != "ACCELERATE_USE_CPU"}  # the file says so
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "FSDP: 30 decoder layers sharded over 2 ranks (FULL_SHARD)" in result.stderr
+
+    ddp_out, ddp_ranks = ddp_run
+    assert _rank_digests(digests) == ddp_ranks
+    fsdp_metrics = json.loads((out / "metrics.json").read_text())["experts"]
+    ddp_metrics = json.loads((ddp_out / "metrics.json").read_text())["experts"]
+    for name, expert in ddp_metrics.items():
+        assert (fsdp_metrics[name]["steps"], fsdp_metrics[name]["best_val_loss"]) == (
+            expert["steps"],
+            expert["best_val_loss"],
+        )
+    assert (out / "run.json").is_file()
