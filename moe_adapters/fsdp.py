@@ -11,8 +11,9 @@ are those of a DDP run and the ranks stay bit-for-bit equal. The embeddings, the
 head stay replicated too (the root module is not wrapped).
 
 Every collective must be entered by every rank: evaluation runs the same number of forwards on each rank
-(:func:`equal_forward_counts`), and before rank 0 finishes alone (end-of-run evaluations, the router) every
-rank gathers the whole base (:func:`gather_for_one_rank`).
+(:func:`equal_forward_counts`), and the end-of-run evaluations (keep-if-better) run on every rank before
+rank 0 finishes alone; rank 0 alone runs no forward of the sharded model (the router trains on its own
+encoder).
 
 From the accelerate config (``accelerate launch`` exports it as ``FSDP_*`` variables): the sharding
 strategy (``FULL_SHARD``: weights re-sharded after each layer's forward; ``SHARD_GRAD_OP``: kept gathered
@@ -119,16 +120,6 @@ def shard_base(peft_model: Any, settings: FsdpSettings, device: Any, world_size:
             layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=adapters
         )
     return len(layers)
-
-
-def gather_for_one_rank(model: Any) -> None:
-    """Every rank: gather the whole base and keep it gathered, so that one rank may run forwards alone."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_reshard_after_forward(False)
-            module.unshard()
 
 
 def equal_forward_counts(batches: int, parallel: Any) -> int:

@@ -91,8 +91,9 @@ def end_shared_phase(trainer: Trainer) -> str:
     )
 
 
-def recipe_record(trainer: Trainer) -> dict[str, Any] | None:
-    """The shared warm-up's steps and, with ``keep_if_better``, each task's decision (printed too)."""
+def recipe_record(trainer: Trainer, quiet: bool = False) -> dict[str, Any] | None:
+    """The shared warm-up's steps and, with ``keep_if_better``, each task's decision (printed unless
+    ``quiet``). In a multi-process run every rank calls it (the evaluations are collective)."""
     if SHARED_ADAPTER not in trainer.experts:
         return None
     tr, shared = trainer.config.train, trainer.experts[SHARED_ADAPTER]
@@ -115,6 +116,6 @@ def recipe_record(trainer: Trainer) -> dict[str, Any] | None:
     expert_losses = {t: trainer.experts[t].best_val_loss for t in tasks}
     decisions = keep_if_better(expert_losses, shared_losses)
     record.update({"metric": RECIPE_METRIC, "decisions": decisions, "serving": serving_adapters(decisions)})
-    for line in format_decisions(decisions):
+    for line in [] if quiet else format_decisions(decisions):
         print(line, file=sys.stderr)
     return record

@@ -34,13 +34,12 @@ from moe_adapters.checkpoint import check_out_dir, load_checkpoint, read_checkpo
 from moe_adapters.config import SINGLE_ADAPTER_BUDGETS, MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
-from moe_adapters.fsdp import gather_for_one_rank
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.parallel import TEST_DIGEST_ENV, Parallel, adapter_digest, detect_parallel
 from moe_adapters.quantize import check_quantize_backend
 from moe_adapters.run_dir import CHECKPOINT_NAME
 from moe_adapters.sampling import temperature_probabilities
-from moe_adapters.shared_phase import start_shared_phase
+from moe_adapters.shared_phase import recipe_record, start_shared_phase
 from moe_adapters.train_loop import run_training
 from moe_adapters.train_outputs import finalize_run
 from moe_adapters.train_state import Trainer, TrainError, build_trainer
@@ -107,13 +106,13 @@ def train_mixture(
     run_training(trainer, out_dir, identity, progress=progress)
     if os.environ.get(TEST_DIGEST_ENV):
         write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
-    if parallel.fsdp is not None:
-        gather_for_one_rank(trainer.model)  # every rank, so that rank 0 may run forwards alone
+    # Every rank: keep-if-better's evaluations are collective (DDP sums, FSDP gathers the base's layers).
+    recipe = recipe_record(trainer, quiet=not parallel.is_main)
     if parallel.is_main:
-        trainer.parallel = Parallel()  # rank 0 finishes alone (end-of-run evals, router): no collectives
-        finalize_run(
-            trainer, out_dir, base_path, mixture_sha, single_adapter, time.perf_counter() - wall_start
-        )
+        # Rank 0 finishes alone (writes, router training on its own encoder): no forward of trainer.model.
+        trainer.parallel = Parallel()
+        wall_s = time.perf_counter() - wall_start
+        finalize_run(trainer, out_dir, base_path, mixture_sha, single_adapter, wall_s, recipe)
         checkpoint.unlink(missing_ok=True)
     return out_dir
 

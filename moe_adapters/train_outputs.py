@@ -20,7 +20,6 @@ from moe_adapters.base_model import DEFAULT_BASE_NAME, base_model_sha256
 from moe_adapters.config import MixtureConfig
 from moe_adapters.router_step import train_router_for_run
 from moe_adapters.run_dir import RUN_MARKER, fsync_tree, write_json_atomic
-from moe_adapters.shared_phase import recipe_record
 from moe_adapters.train_state import ExpertState, Trainer
 
 RUN_FORMAT_VERSION = 1
@@ -64,19 +63,18 @@ def write_adapter_folder(model: Any, adapter: str, folder: Path, base_path: str)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_adapters(trainer: Trainer, out_dir: Path, base_path: str) -> dict[str, Any] | None:
-    """Save every adapter; return the ``recipe`` record for metrics.json (None without a shared warm-up).
+def save_adapters(trainer: Trainer, out_dir: Path, base_path: str, recipe: dict[str, Any] | None) -> None:
+    """Save every adapter, placed by ``recipe`` (:func:`moe_adapters.shared_phase.recipe_record`; None
+    without a shared warm-up).
 
     Served adapters go to ``experts/<name>/``. With a shared warm-up, the shared adapter goes to
     ``experts/shared/`` where keep-if-better gave it a task, else to ``candidates/shared/``; an expert that
     lost to it goes to ``candidates/<task>/`` (kept for inspection, never registered).
     """
-    recipe = recipe_record(trainer)
     served = set(recipe["serving"].values()) if recipe is not None else set(trainer.experts)
     for name, expert in trainer.experts.items():
         folder = out_dir / ("experts" if name in served else "candidates") / name
         save_expert(trainer, expert, folder, base_path)
-    return recipe
 
 
 def expert_metrics(trainer: Trainer) -> dict[str, dict[str, Any]]:
@@ -108,13 +106,20 @@ def throughput(trainer: Trainer) -> dict[str, float]:
 
 
 def finalize_run(
-    trainer: Trainer, out_dir: Path, base_path: str, mixture_sha: str, single_adapter: bool, wall_s: float
+    trainer: Trainer,
+    out_dir: Path,
+    base_path: str,
+    mixture_sha: str,
+    single_adapter: bool,
+    wall_s: float,
+    recipe: dict[str, Any] | None,
 ) -> None:
     """Write experts/, router/, metrics.json, train_curves.png and (last, atomically, as the completion
-    marker) run.json."""
+    marker) run.json. ``recipe``: :func:`moe_adapters.shared_phase.recipe_record`, computed before (by every
+    rank of a multi-process run: its evaluations are collective)."""
     from moe_adapters.plots import plot_training_curves
 
-    recipe = save_adapters(trainer, out_dir, base_path)
+    save_adapters(trainer, out_dir, base_path, recipe)
     metrics = run_metrics(trainer, recipe, wall_s)
     if not single_adapter and trainer.config.router.enabled:
         router_start = time.perf_counter()

@@ -165,7 +165,8 @@ MAX_STEPS = 8
 
 
 def _launch_command(out: Path, port: int) -> list[str]:
-    """`moea train` on 2 CPU ranks through accelerate (checkpoint at step 4 of 8, uneven validation)."""
+    """`moea train` on 2 CPU ranks through accelerate (checkpoint at step 4 of 8, the end of the shared
+    warm-up; keep-if-better; uneven validation)."""
     return [
         sys.executable,
         "-m",
@@ -199,6 +200,11 @@ def _launch_command(out: Path, port: int) -> list[str]:
         "train.checkpoint_every=4",
         # 9 validation rows per task: the ranks evaluate 5 and 4 rows, 2 and 1 batches (FSDP must still run
         # as many forwards on each rank: moe_adapters.fsdp.equal_forward_counts).
+        # The shared warm-up recipe with keep-if-better: its end-of-run evaluations are collective.
+        "--set",
+        "train.shared_steps=4",
+        "--set",
+        "train.keep_if_better=true",
         "--set",
         "splits.train=0.7875",
         "--set",
@@ -262,8 +268,14 @@ def test_accelerate_launch_two_cpu_ranks_end_equal_and_resume_exactly(
     metrics = json.loads((out / "metrics.json").read_text())
     assert sum(e["steps"] for e in metrics["experts"].values()) == MAX_STEPS
     assert metrics["train"]["steps"] == MAX_STEPS
+    served = set(metrics["recipe"]["serving"].values())
+    assert metrics["recipe"]["shared_steps_taken"] == 4 and set(metrics["recipe"]["decisions"]) == {
+        "sentiment",
+        "arithmetic",
+    }
     for name, expert in ranks[0]["experts"].items():
-        saved = load_file(out / "experts" / name / "adapter_model.safetensors")
+        folder = out / ("experts" if name in served else "candidates") / name
+        saved = load_file(folder / "adapter_model.safetensors")
         assert adapter_digest(saved) == expert["sha256"], f"rank 0 saved other weights for {name}"
         assert metrics["experts"][name]["steps"] == expert["steps"]
     assert (out / "run.json").is_file() and not (out / "checkpoint.pt").exists()
@@ -345,11 +357,12 @@ def test_fsdp_accelerate_config_file_trains_the_ddp_adapters(
 
     ddp_out, ddp_ranks = ddp_run
     assert _rank_digests(digests) == ddp_ranks
-    fsdp_metrics = json.loads((out / "metrics.json").read_text())["experts"]
-    ddp_metrics = json.loads((ddp_out / "metrics.json").read_text())["experts"]
-    for name, expert in ddp_metrics.items():
-        assert (fsdp_metrics[name]["steps"], fsdp_metrics[name]["best_val_loss"]) == (
+    fsdp_metrics = json.loads((out / "metrics.json").read_text())
+    ddp_metrics = json.loads((ddp_out / "metrics.json").read_text())
+    for name, expert in ddp_metrics["experts"].items():
+        assert (fsdp_metrics["experts"][name]["steps"], fsdp_metrics["experts"][name]["best_val_loss"]) == (
             expert["steps"],
             expert["best_val_loss"],
         )
+    assert fsdp_metrics["recipe"] == ddp_metrics["recipe"]  # keep-if-better decided on the same losses
     assert (out / "run.json").is_file()
