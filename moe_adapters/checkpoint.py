@@ -33,11 +33,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
     """
     state = run_dir_state(out_dir)
     if state == "finished":
-        action = "--resume has nothing to continue" if resume else "training again would overwrite it"
-        raise TrainError(
-            f"{out_dir} already holds a finished run ({RUN_MARKER}): {action}; "
-            "train into a new --out (nothing was changed)"
-        )
+        refuse_finished(out_dir, resume)
     if state == "resumable" and not resume:
         raise TrainError(
             f"{out_dir} already holds a run stopped at a checkpoint ({CHECKPOINT_NAME}): "
@@ -46,6 +42,23 @@ def check_out_dir(out_dir: Path, resume: bool) -> RunDirState:
     if resume and state != "resumable":
         print(f"resume: no {CHECKPOINT_NAME} in {out_dir}: starting from step 0", file=sys.stderr)
     return state
+
+
+def refuse_finished(out_dir: Path, resume: bool) -> None:
+    """A finished run (``run.json``) is never trained over, by SFT or DPO; raise the error that says so."""
+    action = "--resume has nothing to continue" if resume else "training again would overwrite it"
+    raise TrainError(
+        f"{out_dir} already holds a finished run ({RUN_MARKER}): {action}; "
+        "train into a new --out (nothing was changed)"
+    )
+
+
+def portable_mixture_yaml(config: MixtureConfig, probabilities: dict[str, float] | None = None) -> str:
+    """The resolved mixture without the settings that do not change what is trained (``train.num_threads``:
+    a run may resume on a machine with other cores): what a resume must match (SFT and DPO)."""
+    portable = copy.deepcopy(config)
+    portable.train.num_threads = None
+    return mixture_yaml(portable, probabilities)
 
 
 def save_checkpoint(trainer: Trainer, path: Path, identity: str) -> None:
@@ -98,9 +111,7 @@ def save_checkpoint(trainer: Trainer, path: Path, identity: str) -> None:
 def resume_identity(config: MixtureConfig, probabilities: dict[str, float], single_adapter: bool) -> str:
     """What a checkpoint must match to be resumed: the resolved mixture without the settings that do not
     change what is trained (``train.num_threads``: a run may resume on a machine with other cores)."""
-    portable = copy.deepcopy(config)
-    portable.train.num_threads = None
-    text = mixture_yaml(portable, probabilities)
+    text = portable_mixture_yaml(config, probabilities)
     return hashlib.sha256(text.encode() + str(single_adapter).encode()).hexdigest()
 
 

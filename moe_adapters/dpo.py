@@ -18,7 +18,6 @@ sha256, which ``moea register`` stores with the new version.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -250,12 +249,11 @@ def run_dpo(
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
             return dataset
 
-    every = config.train.checkpoint_every
-    with contextlib.ExitStack() as stack:
-        # TRL's Trainer wants an output_dir: the checkpoints' folder, or a scratch one without checkpoints
-        # (the adapter itself is written by moea).
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="moea-dpo-")) if every <= 0 else None
-        args = DPOConfig(**dpo_arguments(config, scratch or str(out_dir / DPO_CHECKPOINTS), model, progress))
+    # TRL's Trainer wants an output_dir: the checkpoints' folder, or (no checkpoints) an empty scratch one
+    # (the adapter itself is written by moea).
+    with tempfile.TemporaryDirectory(prefix="moea-dpo-") as scratch:
+        output_dir = str(out_dir / DPO_CHECKPOINTS) if config.train.checkpoint_every > 0 else scratch
+        args = DPOConfig(**dpo_arguments(config, output_dir, model, progress))
         trainer = PretokenizedDPOTrainer(
             model=model,
             args=args,

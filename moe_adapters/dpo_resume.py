@@ -13,7 +13,6 @@ NAME@prod`` after ``prod`` moved resolves to another version, so it is refused t
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import shutil
@@ -21,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moe_adapters.checkpoint import portable_mixture_yaml, refuse_finished
 from moe_adapters.config import MixtureConfig
-from moe_adapters.config_load import mixture_yaml
 from moe_adapters.preferences import preference_file_sha256
 from moe_adapters.run_dir import RUN_MARKER, write_json_atomic
 from moe_adapters.train_state import TrainError
@@ -38,10 +37,8 @@ def dpo_identity(
     config: MixtureConfig, view: Any, preferences_sha256: str, heldout_path: Path | None
 ) -> dict[str, Any]:
     """Everything a DPO run's result depends on, except the thread count (a run may resume elsewhere)."""
-    portable = copy.deepcopy(config)
-    portable.train.num_threads = None
     return {
-        "mixture_sha256": hashlib.sha256(mixture_yaml(portable).encode()).hexdigest(),
+        "mixture_sha256": hashlib.sha256(portable_mixture_yaml(config).encode()).hexdigest(),
         "from_version": view.ref,
         "from_sha256": view.sha256,
         "preferences_sha256": preferences_sha256,
@@ -64,11 +61,7 @@ def check_dpo_out_dir(out_dir: Path, resume: bool) -> Path | None:
     """Refuse what would lose or silently redo work (as ``moe_adapters.checkpoint.check_out_dir`` does for
     SFT runs); return the checkpoint to continue from (``resume`` only), else None."""
     if (out_dir / RUN_MARKER).is_file():
-        action = "--resume has nothing to continue" if resume else "training again would overwrite it"
-        raise TrainError(
-            f"{out_dir} already holds a finished run ({RUN_MARKER}): {action}; "
-            "train into a new --out (nothing was changed)"
-        )
+        refuse_finished(out_dir, resume)
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None and not resume:
         raise TrainError(

@@ -36,7 +36,7 @@ from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.data import MixtureData, load_mixture_data
 from moe_adapters.hardware import apply_num_threads, pick_device
 from moe_adapters.parallel import TEST_DIGEST_ENV, Parallel, adapter_digest, detect_parallel
-from moe_adapters.quantize import check_quantize_backend
+from moe_adapters.quantize import QUANTIZE_4BIT, check_quantize_backend
 from moe_adapters.run_dir import CHECKPOINT_NAME
 from moe_adapters.sampling import temperature_probabilities
 from moe_adapters.shared_phase import recipe_record, start_shared_phase
@@ -74,7 +74,7 @@ def train_mixture(
     state = check_out_dir(out_dir, resume)
     config = load_mixture(mixture_path, overrides)
     check_quantize_backend(config.train.quantize, parallel.device or pick_device()[0])
-    if parallel.fsdp is not None and config.train.quantize != "none":
+    if parallel.fsdp is not None and config.train.quantize == QUANTIZE_4BIT:
         raise TrainError("train.quantize=4bit does not combine with FSDP in moea: use FSDP, or 4bit with DDP")
     budget_record = apply_budget(config, single_adapter, budget)
     drop_recipes_for_single_adapter(config, single_adapter)

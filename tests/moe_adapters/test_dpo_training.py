@@ -6,9 +6,7 @@ the rejected to the chosen form; the run registers as the next version with its 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sigkill import sigkill_when
 
 from moe_adapters.dpo import train_dpo
 from moe_adapters.preferences import preference_file_sha256
@@ -181,23 +180,9 @@ def test_dpo_resumes_after_sigkill_to_the_uninterrupted_adapter(tmp_path: Path) 
     )
     args = {"mixture": str(mixture), "out": str(killed), "prefs": str(PREFS), "url": registry_url,
             "store": str(store), "overrides": overrides}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(args)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while latest_checkpoint(killed) is None:
-            assert proc.poll() is None, "DPO process exited before writing a checkpoint"
-            assert time.monotonic() < deadline, "no DPO checkpoint written within 300 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
+    command = [sys.executable, "-c", script, json.dumps(args)]
+    returncode = sigkill_when(command, lambda: latest_checkpoint(killed) is not None, "the DPO process")
+    assert returncode == -signal.SIGKILL and not (killed / "run.json").exists()
     stopped_at = latest_checkpoint(killed)
     assert stopped_at is not None and stopped_at.name in ("checkpoint-3", "checkpoint-6")
 

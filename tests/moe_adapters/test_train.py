@@ -7,11 +7,8 @@ exact resume after a SIGKILL, early stopping removing experts from sampling, and
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from sigkill import sigkill_when
 
 from moe_adapters.config_load import load_mixture
 from moe_adapters.train import apply_budget, single_adapter_max_steps, train_mixture
@@ -139,23 +137,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         "import json, sys; from pathlib import Path; from moe_adapters.train import train_mixture; "
         "train_mixture(Path(sys.argv[1]), Path(sys.argv[2]), overrides=json.loads(sys.argv[3]), progress=False)"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(MIXTURE), str(killed), json.dumps(overrides)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed / "checkpoint.pt").exists():
-            assert proc.poll() is None, "training process exited before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint written within 300 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    command = [sys.executable, "-c", script, str(MIXTURE), str(killed), json.dumps(overrides)]
+    returncode = sigkill_when(command, (killed / "checkpoint.pt").exists, "the training process")
+    assert returncode == -signal.SIGKILL
     assert not (killed / "run.json").exists()
 
     with pytest.raises(TrainError, match="already holds a run"):
