@@ -215,6 +215,13 @@ class TrainConfig:
     shared adapter's best weights with a fresh AdamW state and its own warmup + cosine schedule over the
     remaining steps. If the shared adapter stops early (``patience``), the experts get its unused steps.
     0: off (plain experts). Must be < ``max_steps``; ignored by ``--single-adapter`` runs."""
+    expert_start: Literal["fresh", "continue"] = "fresh"
+    """How the experts start after the shared warm-up (needs ``shared_steps`` > 0). ``fresh``: each expert
+    gets a new AdamW state and its own warmup + cosine schedule over its steps, and the shared adapter's
+    schedule spans ``shared_steps``. ``continue``: one schedule for the whole run, as the multi-task
+    baseline's: the shared adapter's warmup + cosine spans ``max_steps``, and each expert goes on from the
+    point where the warm-up ended, with a copy of the shared adapter's AdamW moments and the rest of that
+    decay (an expert's own step ``s`` gets the learning rate of global step ``shared + s / share``)."""
     keep_if_better: bool = False
     """Recipe "keep-if-better" (needs ``shared_steps`` > 0): after training, a task keeps its expert only
     where the expert's best validation loss (token-weighted response cross-entropy on the task's val rows,

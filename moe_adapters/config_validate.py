@@ -296,6 +296,10 @@ def _validate_train(tr: TrainConfig) -> list[str]:
             f"train.shared_steps: must be >= 0 and < train.max_steps={tr.max_steps} (the experts need steps"
             f" after the shared warm-up), got {tr.shared_steps}"
         )
+    if tr.expert_start == "continue" and tr.shared_steps <= 0:
+        errors.append(
+            "train.expert_start: 'continue' goes on from the shared warm-up, so it needs train.shared_steps > 0"
+        )
     if tr.keep_if_better and tr.shared_steps <= 0:
         errors.append(
             "train.keep_if_better: compares each expert with the shared adapter, so it needs "

@@ -63,9 +63,10 @@ def shared_phase_due(trainer: Trainer) -> bool:
 def end_shared_phase(trainer: Trainer) -> str:
     """Freeze the shared adapter at its best weights and copy them into every expert.
 
-    The experts keep their fresh AdamW state and their own warmup + cosine schedule (built over the steps
-    after the warm-up): the shared adapter's Adam moments are averages over all tasks' gradients, and a
-    new warmup lets each expert move off the shared point gently. Returns the log line.
+    ``train.expert_start: fresh``: the experts keep their fresh AdamW state and their own warmup + cosine
+    schedule (built over the steps after the warm-up). ``continue``: each expert gets a copy of the shared
+    adapter's AdamW state and goes on with the run's schedule from the step the warm-up ended
+    (:func:`continue_from_shared`). Returns the log line.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -81,6 +82,8 @@ def end_shared_phase(trainer: Trainer) -> str:
         weights = shared.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     for expert in trainer.experts.values():
         set_peft_model_state_dict(trainer.model, weights, adapter_name=expert.adapter)
+    if trainer.config.train.expert_start == "continue":
+        continue_from_shared(trainer)
     set_phase(trainer, shared_done=True)
     why = "stopped early" if early else "shared_steps reached"
     best = "n/a" if math.isinf(shared.best_val_loss) else f"{shared.best_val_loss:.4f}"
@@ -89,6 +92,26 @@ def end_shared_phase(trainer: Trainer) -> str:
         f"{best}); {len(trainer.experts) - 1} experts start from the shared weights for the remaining "
         f"{trainer.config.train.max_steps - trainer.global_step} steps"
     )
+
+
+def continue_from_shared(trainer: Trainer) -> None:
+    """``train.expert_start: continue``: every expert starts with a copy of the shared adapter's AdamW
+    moments and step count, and its schedule (a :class:`~moe_adapters.train_state.RunSchedule`) goes on
+    from the global step the warm-up ended at, over the steps the expert is expected to take after it."""
+    shared = trainer.experts[SHARED_ADAPTER]
+    left = trainer.config.train.max_steps - trainer.global_step
+    shares = trainer.sampler.probabilities
+    for name, expert in trainer.experts.items():
+        if name == SHARED_ADAPTER:
+            continue
+        for src, dst in zip(shared.params, expert.params, strict=True):
+            state = shared.optimizer.state.get(src)
+            if state:
+                expert.optimizer.state[dst] = {k: v.clone() for k, v in state.items()}
+        schedule = expert.scheduler.lr_lambdas[0]
+        schedule.restart_at(trainer.global_step, round(left * sum(shares.get(t, 0.0) for t in expert.tasks)))
+        for group in expert.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule(expert.scheduler.last_epoch)
 
 
 def recipe_record(trainer: Trainer, quiet: bool = False) -> dict[str, Any] | None:

@@ -204,7 +204,12 @@ def _expert_state(
     optimizer = torch.optim.AdamW(
         params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True
     )
-    schedule = warmup_cosine(config.train.warmup_steps, expected)
+    tr = config.train
+    if tr.expert_start == "continue" and tr.shared_steps > 0:
+        offset = 0 if name == SHARED_ADAPTER else tr.shared_steps
+        schedule: Callable[[float], float] = RunSchedule(tr.warmup_steps, tr.max_steps, offset, expected)
+    else:
+        schedule = warmup_cosine(tr.warmup_steps, expected)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return ExpertState(name, members, optimizer, scheduler, params)
 
@@ -216,7 +221,7 @@ def expected_steps(
     share of the steps left after the shared warm-up (all of ``max_steps`` without one)."""
     tr = config.train
     if name == SHARED_ADAPTER and tr.shared_steps > 0:
-        return tr.shared_steps
+        return tr.max_steps if tr.expert_start == "continue" else tr.shared_steps
     return max(1, round((tr.max_steps - tr.shared_steps) * sum(probabilities[t] for t in members)))
 
 
@@ -225,10 +230,10 @@ def hash_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Callable[[int], float]:
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Callable[[float], float]:
     """LR factor: linear warmup, then cosine decay to ``floor`` at ``total_steps`` (held after)."""
 
-    def factor(step: int) -> float:
+    def factor(step: float) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         span = max(1, total_steps - warmup_steps)
@@ -236,3 +241,25 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Ca
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+class RunSchedule:
+    """LR factor of ``train.expert_start: continue``: one warmup + cosine over the run's ``total_steps``
+    global steps (:func:`warmup_cosine`), read by an adapter that starts at global step ``offset`` and is
+    expected to take ``own_steps`` of the global steps after it (its own step ``s`` is global step
+    ``offset + s * (total_steps - offset) / own_steps``). The shared adapter reads it from 0 over all steps.
+
+    A callable object with plain attributes, not a closure: ``LambdaLR.state_dict`` saves its attributes,
+    so a resumed run gets the offset :meth:`restart_at` set when the warm-up ended."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, offset: int, own_steps: int) -> None:
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.offset, self.own_steps = offset, own_steps
+
+    def restart_at(self, offset: int, own_steps: int) -> None:
+        """Start from global step ``offset`` (where the shared warm-up really ended) for ``own_steps``."""
+        self.offset, self.own_steps = offset, max(1, own_steps)
+
+    def __call__(self, step: int) -> float:
+        scale = (self.total_steps - self.offset) / max(1, self.own_steps) if self.offset else 1.0
+        return warmup_cosine(self.warmup_steps, self.total_steps)(self.offset + step * scale)

@@ -23,6 +23,7 @@ from moe_adapters.eval_scoring import router_report
 from moe_adapters.eval_types import EvalCase, EvalSettings
 from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
 from moe_adapters.train import train_mixture
+from moe_adapters.train_state import RunSchedule, warmup_cosine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIXTURE = FIXTURES / "mixture.yaml"
@@ -71,6 +72,14 @@ def test_router_prompts_relabel_losing_tasks_and_serving_map_reads_back() -> Non
         ({"train.shared_steps": -1}, "train.shared_steps"),
         ({"train.keep_if_better": True}, "train.keep_if_better: .* needs train.shared_steps > 0"),
         ({"train.shared_steps": 2, "tasks.0.name": "shared"}, "'shared' names the shared adapter"),
+        (
+            {"train.expert_start": "continue"},
+            "train.expert_start: 'continue' .* needs train.shared_steps > 0",
+        ),
+        (
+            {"train.shared_steps": 2, "train.expert_start": "resume"},
+            "train.expert_start: 'resume' is not one",
+        ),
     ],
 )
 def test_recipe_settings_are_validated(overrides: dict, message: str) -> None:
@@ -100,6 +109,19 @@ def _run(out: Path, **overrides: object) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return train_mixture(MIXTURE, out, overrides={**RECIPE, **overrides}, progress=False)
+
+
+def test_run_schedule_is_one_decay_over_the_run() -> None:
+    full = warmup_cosine(warmup_steps=5, total_steps=300)
+    shared = RunSchedule(5, 300, offset=0, own_steps=300)  # the shared adapter: the multi-task schedule
+    assert [shared(s) for s in range(300)] == [full(s) for s in range(300)]
+    expert = RunSchedule(5, 300, offset=250, own_steps=10)  # 10 of the last 50 global steps (share 0.2)
+    assert expert(0) == full(250)  # no new warmup: it goes on at the warm-up's last learning rate
+    assert expert(4) == pytest.approx(full(270)) and expert(10) == pytest.approx(full(300)) == 0.1
+    factors = [expert(s) for s in range(12)]
+    assert all(a > b for a, b in zip(factors[:10], factors[1:10], strict=False)) and factors[11] == 0.1
+    expert.restart_at(200, 20)  # the warm-up ended at step 200 (stopped early): 20 of 100 steps
+    assert expert(0) == full(200) and expert(10) == pytest.approx(full(250))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -161,24 +183,70 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     assert plan.experts[1].metrics["steps"] == 4  # shared's training record travels with its version
 
 
+def _cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}  # AdamW updates its moments in place
+
+
+@pytest.mark.slow
+def test_continue_gives_each_expert_the_shared_optimizer_and_schedule(tmp_path, monkeypatch):
+    at_switch: dict[str, tuple[float, dict[int, dict[str, torch.Tensor]]]] = {}
+    real_end = train_loop.end_shared_phase
+
+    def end_and_capture(trainer):
+        shared = trainer.experts["shared"]
+        moments = {i: _cloned(shared.optimizer.state[p]) for i, p in enumerate(shared.params)}
+        at_switch["shared"] = (shared.optimizer.param_groups[0]["lr"], moments)
+        message = real_end(trainer)
+        for name in ("sentiment", "arithmetic"):
+            e = trainer.experts[name]
+            moments = {i: _cloned(e.optimizer.state[p]) for i, p in enumerate(e.params)}
+            at_switch[name] = (e.optimizer.param_groups[0]["lr"], moments)
+        return message
+
+    monkeypatch.setattr(train_loop, "end_shared_phase", end_and_capture)
+    out = _run(tmp_path / "run", **{"train.expert_start": "continue", "train.warmup_steps": 1})
+    lr, shared_moments = at_switch["shared"]
+    # after its 4 steps the shared adapter stands at the run-long (8-step) schedule's factor of step 4
+    assert lr == pytest.approx(1e-3 * warmup_cosine(1, 8)(4))
+    for name in ("sentiment", "arithmetic"):
+        expert_lr, moments = at_switch[name]
+        assert expert_lr == pytest.approx(1e-3 * warmup_cosine(1, 8)(4)), name  # continues, no new warmup
+        assert moments.keys() == shared_moments.keys() and moments
+        for i, state in shared_moments.items():
+            for key, tensor in state.items():
+                assert torch.equal(moments[i][key], tensor), f"{name}: AdamW {key} of param {i} is no copy"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["experts"]["shared"]["steps"] == 4
+    assert metrics["experts"]["sentiment"]["steps"] + metrics["experts"]["arithmetic"]["steps"] == 4
+
+
 class _Crash(RuntimeError):
     pass
 
 
 @pytest.mark.slow
-def test_resume_across_the_shared_phase_boundary_is_exact(tmp_path, monkeypatch):
-    overrides = {"train.checkpoint_every": 3}  # checkpoint at step 3 (warm-up), crash at step 5 (experts)
+@pytest.mark.parametrize(
+    ("expert_start", "checkpoint_every", "crash_at"),
+    [
+        ("fresh", 3, 5),  # checkpoint at step 3 (warm-up), crash at step 5 (experts)
+        ("continue", 5, 7),  # checkpoint at step 5 (after the switch: the experts' RunSchedules), crash at 7
+    ],
+)
+def test_resume_across_the_shared_phase_boundary_is_exact(
+    tmp_path, monkeypatch, expert_start, checkpoint_every, crash_at
+):
+    overrides = {"train.checkpoint_every": checkpoint_every, "train.expert_start": expert_start}
     reference = _run(tmp_path / "reference", **overrides)
 
     real_step, calls = train_loop.train_step, []
 
-    def crash_at_fifth_step(trainer):
+    def crash_at_step(trainer):
         calls.append(trainer.global_step)
-        if len(calls) == 5:
+        if len(calls) == crash_at:
             raise _Crash
         return real_step(trainer)
 
-    monkeypatch.setattr(train_loop, "train_step", crash_at_fifth_step)
+    monkeypatch.setattr(train_loop, "train_step", crash_at_step)
     with pytest.raises(_Crash):
         _run(tmp_path / "resumed", **overrides)
     monkeypatch.setattr(train_loop, "train_step", real_step)
