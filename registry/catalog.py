@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Collection, Mapping
+from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, func
+from sqlalchemy import Engine, Row, Table, bindparam, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -12,17 +13,21 @@ from .artifacts import ArtifactTrees
 from .errors import NotFoundError
 from .models import Alias, Expert, ExpertVersion, Ref, as_utc, parse_ref, validate_name
 from .versions import (
+    DEFAULT_ALIAS,
+    Q_ALIAS_HOLDER_ROWS,
     Q_ALL_ALIASES,
     Q_ALL_VERSIONS,
+    Q_LATEST_LIVE_ROWS,
     aliases_by_version,
     find_expert,
     find_version,
     find_version_row,
     make_version_view,
+    numbered_versions,
     version_view,
     view_for,
 )
-from .views import ExpertVersionView, ExpertView
+from .views import ExpertVersionView, ExpertView, ServedExpertView
 
 _ALIASES = cast(Table, Alias.__table__)
 # Built once: resolve is on the gateway's hot path (see registry.versions).
@@ -93,11 +98,60 @@ def list_experts(engine: Engine) -> list[ExpertView]:
         ]
 
 
+NUMBERED_PER_STATEMENT = 100
+"""Experts per statement when `served_experts` reads extra versions (bound parameters stay in the hundreds)."""
+
+
+def served_experts(
+    engine: Engine, extra: Mapping[str, Collection[int]] | None = None
+) -> list[ServedExpertView]:
+    """Every expert (by name) with its aliases and the versions its name resolves to without a number:
+    each alias's holder and the newest live version, plus those of `extra` (expert name → version
+    numbers: experiment arms and shadows) that exist, archived ones included.
+
+    What the gateway reads after every registry change. One read transaction of two Core statements
+    (and one per `NUMBERED_PER_STATEMENT` experts in `extra`) that search the versions instead of
+    reading them all, so its cost grows with the experts, aliases and `extra`, not with the versions
+    registered (benchmarks/bench_registry_scale.py). `serving_version` is what `resolve(name)` answers.
+    """
+    wanted = sorted((name, numbers) for name, numbers in (extra or {}).items() if numbers)
+    with engine.connect() as connection:
+        heads = connection.execute(Q_LATEST_LIVE_ROWS).all()
+        holders = connection.execute(Q_ALIAS_HOLDER_ROWS).all()
+        numbered = [
+            row
+            for start in range(0, len(wanted), NUMBERED_PER_STATEMENT)
+            for row in connection.execute(
+                numbered_versions(dict(wanted[start : start + NUMBERED_PER_STATEMENT]))
+            )
+        ]
+    rows: dict[int, Row[Any]] = {row.id: row for row in [*heads, *holders, *numbered] if row.id is not None}
+    aliases: dict[str, dict[str, int]] = {}
+    aliases_of: dict[int, list[str]] = {}  # version id → its aliases, sorted (the holders' order)
+    for row in holders:
+        aliases.setdefault(row.expert_name, {})[row.alias] = row.version
+        aliases_of.setdefault(row.id, []).append(row.alias)
+    views: dict[str, dict[int, ExpertVersionView]] = {}
+    for row in sorted(rows.values(), key=lambda row: row.version):
+        view = make_version_view(row.expert_name, row.expert_task_kind, row, aliases_of.get(row.id, []))
+        views.setdefault(row.expert_name, {})[row.version] = view
+    served = []
+    for head in heads:
+        versions, named = views.get(head.expert_name, {}), aliases.get(head.expert_name, {})
+        # as resolve(name): alias prod when set (nothing when its holder is archived), else the latest
+        prod = named.get(DEFAULT_ALIAS)
+        serving = head.version if prod is None else None if versions[prod].archived else prod
+        served.append(
+            ServedExpertView(head.expert_name, head.version, serving, dict(sorted(named.items())), versions)
+        )
+    return served
+
+
 def versions_by_expert(engine: Engine) -> dict[str, list[ExpertVersionView]]:
     """Expert name → every version (archived included), oldest first, as `list_versions` gives them.
 
-    One read transaction and two Core statements, instead of one ORM read per expert: the gateway reloads
-    every version after each registry change (10,000 versions: ~3 s per-expert, see
+    One read transaction and two Core statements, instead of one ORM read per expert. The gateway reads
+    only what it serves (`served_experts`); this reads every version (10,000 versions: ~0.3 s, see
     benchmarks/bench_registry_scale.py)."""
     with engine.connect() as connection:
         aliases: dict[int, list[str]] = {}

@@ -20,6 +20,8 @@ from .errors import ValidationError
 NAME_MAX = 64
 KEY_NAME_MAX = 64
 ALIAS_MAX = 32
+VERSION_MAX = 2**31 - 1
+"""The largest version number the ``version`` columns hold (32-bit INTEGER on PostgreSQL)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"^v?([0-9]+)$")

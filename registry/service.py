@@ -15,7 +15,7 @@ the modules depend only on the modules below them, never on this class, and this
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from .views import (
     RegisterResult,
     RequestRecord,
     RouterVersionView,
+    ServedExpertView,
 )
 
 
@@ -103,8 +104,14 @@ class Registry:
         return catalog.list_versions(self.engine, name, include_archived)
 
     def versions_by_expert(self) -> dict[str, list[ExpertVersionView]]:
-        """Expert name → every version (archived included), oldest first, in one read (the gateway's state)."""
+        """Expert name → every version (archived included), oldest first, in one read."""
         return catalog.versions_by_expert(self.engine)
+
+    def served_experts(self, extra: Mapping[str, Collection[int]] | None = None) -> list[ServedExpertView]:
+        """Every expert with its aliases and the versions its name resolves to (alias holders, newest live),
+        plus the `extra` versions (name → numbers) that exist; one read whose cost does not grow with
+        the versions registered (the gateway's state)."""
+        return catalog.served_experts(self.engine, extra)
 
     def artifact_path(self, view: ExpertVersionView) -> Path:
         """A complete, verified folder holding the version's PEFT adapter (raises IntegrityError if tampered)."""

@@ -7,9 +7,10 @@ holder, `name@latest` → the newest live version, plain `name` → alias prod i
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any, cast
 
-from sqlalchemy import Connection, Row, Table, bindparam, func
+from sqlalchemy import Connection, Row, Select, Table, bindparam, func, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -27,15 +28,12 @@ _EXPERTS = cast(Table, Expert.__table__)
 _VERSIONS = cast(Table, ExpertVersion.__table__)
 _ALIASES = cast(Table, Alias.__table__)
 
-_VERSION_OF = (
-    sa_select(
-        *_VERSIONS.c,
-        _EXPERTS.c.name.label("expert_name"),
-        _EXPERTS.c.task_kind.label("expert_task_kind"),
-    )
-    .select_from(_VERSIONS.join(_EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id))
-    .where(_EXPERTS.c.name == bindparam("name"))
-)
+_VERSION_ROWS = sa_select(
+    *_VERSIONS.c,
+    _EXPERTS.c.name.label("expert_name"),
+    _EXPERTS.c.task_kind.label("expert_task_kind"),
+).select_from(_VERSIONS.join(_EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id))
+_VERSION_OF = _VERSION_ROWS.where(_EXPERTS.c.name == bindparam("name"))
 Q_VERSION_NUMBER = _VERSION_OF.where(_VERSIONS.c.version == bindparam("version"))
 # Joined on (expert_id, alias) so SQLite finds the alias through UNIQUE(expert_id, alias) instead of
 # scanning every alias of every expert (benchmarks/bench_registry_scale.py).
@@ -46,18 +44,62 @@ Q_VERSION_ALIAS = _VERSION_OF.join(
 Q_VERSION_LATEST = (
     _VERSION_OF.where(_VERSIONS.c.archived.is_(False)).order_by(_VERSIONS.c.version.desc()).limit(1)
 )
-# Every version of every expert, archived included, oldest first per expert (the gateway's state read).
-Q_ALL_VERSIONS = (
+# Every version of every expert, archived included, oldest first per expert (Registry.versions_by_expert).
+Q_ALL_VERSIONS = _VERSION_ROWS.order_by(_EXPERTS.c.name, _VERSIONS.c.version)
+Q_ALL_ALIASES = sa_select(_ALIASES.c.version_id, _ALIASES.c.alias).order_by(_ALIASES.c.alias)
+# The gateway's state read (catalog.served_experts) reads what it serves, not every version: each expert
+# with its newest live version (NULL columns without one), found by walking the (expert_id, version) index
+# back from the newest, and every alias with its holder's row. SQLite searches expert_versions in both
+# instead of scanning it (tests/registry/test_scale_reads.py).
+_LIVE = _VERSIONS.alias("live")
+_LATEST_LIVE_ID = (
+    sa_select(_LIVE.c.id)
+    .where(_LIVE.c.expert_id == _EXPERTS.c.id, _LIVE.c.archived.is_(False))
+    .order_by(_LIVE.c.version.desc())
+    .limit(1)
+    .correlate(_EXPERTS)
+    .scalar_subquery()
+)
+Q_LATEST_LIVE_ROWS = (
     sa_select(
         *_VERSIONS.c,
         _EXPERTS.c.name.label("expert_name"),
         _EXPERTS.c.task_kind.label("expert_task_kind"),
     )
-    .select_from(_VERSIONS.join(_EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id))
-    .order_by(_EXPERTS.c.name, _VERSIONS.c.version)
+    .select_from(_EXPERTS.outerjoin(_VERSIONS, _VERSIONS.c.id == _LATEST_LIVE_ID))
+    .order_by(_EXPERTS.c.name)
 )
-Q_ALL_ALIASES = sa_select(_ALIASES.c.version_id, _ALIASES.c.alias).order_by(_ALIASES.c.alias)
+Q_ALIAS_HOLDER_ROWS = (
+    sa_select(
+        _ALIASES.c.alias,
+        *_VERSIONS.c,
+        _EXPERTS.c.name.label("expert_name"),
+        _EXPERTS.c.task_kind.label("expert_task_kind"),
+    )
+    .select_from(
+        _ALIASES.join(_VERSIONS, _VERSIONS.c.id == _ALIASES.c.version_id).join(
+            _EXPERTS, _EXPERTS.c.id == _VERSIONS.c.expert_id
+        )
+    )
+    .order_by(_ALIASES.c.alias)
+)
 Q_EXPERT_ID = sa_select(_EXPERTS.c.id).where(_EXPERTS.c.name == bindparam("name"))
+
+
+_NAMED = _EXPERTS.alias("named")
+
+
+def numbered_versions(wanted: Mapping[str, Collection[int]]) -> Select[Any]:
+    """The rows (as `find_version_row` gives them) of the versions `wanted` names, expert name → version
+    numbers: one OR branch per expert, each searching the (expert_id, version) index for both columns (with
+    the name on the joined experts instead, SQLite searches by expert_id only and reads all its versions)."""
+    return _VERSION_ROWS.where(
+        or_(*(
+            (_VERSIONS.c.expert_id == sa_select(_NAMED.c.id).where(_NAMED.c.name == name).scalar_subquery())
+            & _VERSIONS.c.version.in_(sorted(numbers))
+            for name, numbers in wanted.items()
+        ))
+    )  # fmt: skip
 
 
 def find_expert(session: Session, name: str, lock: bool = False) -> Expert:

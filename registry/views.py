@@ -67,6 +67,22 @@ class ExpertView:
 
 
 @dataclass(frozen=True)
+class ServedExpertView:
+    """An expert as a gateway serves it: its aliases, the versions its name resolves to without a number,
+    and those versions' views (``Registry.served_experts``); not every version it has."""
+
+    name: str
+    latest_version: int | None
+    """The newest live version (`name@latest`), None when it has none."""
+    serving_version: int | None
+    """What plain `name` resolves to: the holder of alias prod, else the newest live version (None: neither)."""
+    aliases: dict[str, int]
+    versions: dict[int, ExpertVersionView]
+    """Version → view, for the alias holders, the newest live version and the extra versions asked for
+    that exist (archived ones included); other versions are not read."""
+
+
+@dataclass(frozen=True)
 class RouterVersionView:
     """A router version; `experts` maps each label to the `name@version` it was registered with."""
 

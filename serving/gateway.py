@@ -53,7 +53,7 @@ from .metrics import GatewayMetrics
 from .router_runtime import RouterRuntime
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from .settings import GatewayConfig
-from .state import ServingState, Target, load_state, upstream_body
+from .state import ServingState, Target, load_state, pinned_version, upstream_body
 from .state_swap import StateChange, catch_up, record_change, warn_unpinned
 
 log = logging.getLogger("moea.serving.gateway")
@@ -235,8 +235,9 @@ class Gateway:
             raise unavailable_error("gateway is starting; retry in a few seconds")
         return self.state
 
-    def resolve(self, model: str, user: str | None) -> Target:
-        """The target of `model` (anything but "moe"), or a 404 APIError."""
+    async def resolve(self, model: str, user: str | None) -> Target:
+        """The target of `model` (anything but "moe"), or a 404 APIError (an old `NAME@3` outside the
+        snapshot is read from the registry: :func:`serving.state.pinned_version`)."""
         state = self._state()
         if model == self.config.base_name:
             return Target(None)
@@ -264,12 +265,13 @@ class Gateway:
             version = assign_arm(experiment, user)
         else:
             version = entry.serving.version if entry.serving is not None else None
-        view = entry.versions.get(version) if version is not None else None
+        view = None if version is None else await pinned_version(self.registry, state, entry.name, version)
         if view is None or (view.archived and experiment is None):
+            why = f"{view.ref} is archived; " if view is not None else ""
             raise APIError(
                 404,
                 f"The model `{model}` does not resolve to a servable (registered, not archived) version of "
-                f"`{entry.name}` (versions: {sorted(entry.versions)}, aliases: {entry.aliases})",
+                f"`{entry.name}` ({why}latest version: {entry.latest}, aliases: {entry.aliases})",
                 param="model",
                 code="model_not_found",
             )
@@ -281,17 +283,18 @@ class Gateway:
             path=state.required.get(view.ref),
             shadow_version=experiment.shadow_version if experiment is not None else None,
             prompt=version_prompt_spec(view),
+            view=view,
         )
 
     async def target_for(self, parsed: ChatCompletionRequest | CompletionRequest, user: str | None) -> Target:
         """Route model="moe" through the router; resolve any other model name."""
         if parsed.model != MOE_MODEL:
-            return self.resolve(parsed.model, user)
+            return await self.resolve(parsed.model, user)
         decision = await self.router.route(parsed.routing_text())
         if decision is None or decision.label is None:
             confidence = decision.confidence if decision is not None else None
             return Target(None, routed=decision is not None, confidence=confidence)
-        target = self.resolve(decision.label, user)
+        target = await self.resolve(decision.label, user)
         return Target(**{**target.__dict__, "routed": True, "confidence": round(decision.confidence, 6)})
 
     async def adapter_path(self, target: Target) -> str | None:
@@ -300,10 +303,8 @@ class Gateway:
             return target.path
         path = self._paths.get(target.adapter)
         if path is None:
-            entry = self._state().experts[target.expert or ""]
-            view = entry.versions[target.version]
             path = self._paths[target.adapter] = str(
-                await asyncio.to_thread(self.registry.artifact_path, view)
+                await asyncio.to_thread(self.registry.artifact_path, target.view)
             )
         return path
 
@@ -383,6 +384,7 @@ class Gateway:
             experiment_id=target.experiment_id,
             path=self._state().required.get(f"{target.expert}@{target.shadow_version}"),
             prompt=version_prompt_spec(view) if view is not None else None,
+            view=view,
         )
         body = json.dumps(upstream_body(data, shadow, shadow.adapter or ""), separators=(",", ":")).encode()
         content = capture_content(self.config.log_content, endpoint, data)

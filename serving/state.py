@@ -3,11 +3,13 @@ gateway's watcher whenever ``registry.state_token()`` changes) and where one req
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from moe_adapters.prompting import PromptSpec, expert_messages
+from registry.errors import NotFoundError
+from registry.models import VERSION_MAX
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,9 @@ class ExpertEntry:
     """ExpertVersionView that `model=NAME` gets (alias prod; latest only for an expert without prod, see
     registry/register.py); None when none is servable."""
     versions: dict[int, Any]
+    """Version → ExpertVersionView for the versions the snapshot holds: alias holders, the newest live
+    one, experiment arms and shadow (archived ones included). Other numbers (`NAME@3`) are looked up on
+    request: :func:`pinned_version`."""
     aliases: dict[str, int]
     latest: int | None
 
@@ -35,7 +40,13 @@ class ServingState:
     """RouterVersionView to serve, or None."""
     required: dict[str, str]
     """Adapters every engine keeps loaded (serving versions, experiment arms, shadows) → artifact folder."""
+    pinned: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """`name@N` outside the snapshot → its ExpertVersionView (None: no such version) as of `token`, filled
+    on request by :func:`pinned_version` (on the event loop; at most `PINNED_KEPT`)."""
 
+
+PINNED_KEPT = 1024
+"""Pinned versions (`name@N` outside the snapshot) a state remembers; the oldest is forgotten first."""
 
 READ_ATTEMPTS = 10
 """How often :func:`load_state` re-reads when writes keep landing while it reads."""
@@ -52,6 +63,9 @@ def load_state(registry: Any, attempts: int = READ_ATTEMPTS) -> ServingState:
     between would give a snapshot that mixes two registry states. Every serving-affecting write bumps
     the state token in its own transaction, so a read bracketed by the same token before and after saw
     one state only; otherwise it is read again.
+
+    Only the versions served without a number are read (``registry.served_experts``), so a refresh costs
+    the same at 10 versions per expert as at 10,000 (benchmarks/bench_registry_scale.py).
     """
     for _ in range(attempts):
         token = registry.state_token()
@@ -68,24 +82,57 @@ def load_state(registry: Any, attempts: int = READ_ATTEMPTS) -> ServingState:
 def _read_experts(registry: Any) -> tuple[dict[str, Any], dict[str, ExpertEntry], list[Any]]:
     """Running experiments by expert, every expert's entry, and the versions that must stay loaded."""
     experiments = {exp.expert: exp for exp in registry.active_experiments()}
+    arms = {  # arms, then the shadow: the versions an experiment serves besides the expert's own
+        name: [v for v in [*(arm.version for arm in exp.arms), exp.shadow_version] if v is not None]
+        for name, exp in experiments.items()
+    }
     experts: dict[str, ExpertEntry] = {}
     required: list[Any] = []
-    every_version = registry.versions_by_expert()
-    for expert in registry.list_experts():
-        versions = {view.version: view for view in every_version.get(expert.name, [])}
-        serving = None
-        with contextlib.suppress(LookupError):
-            serving = registry.resolve(expert.name)
+    for expert in registry.served_experts(arms):
+        versions = expert.versions
+        serving = versions.get(expert.serving_version)  # None: nothing servable
         experts[expert.name] = ExpertEntry(
-            expert.name, serving, versions, dict(expert.aliases), expert.latest_version
+            expert.name, serving, versions, expert.aliases, expert.latest_version
         )
         if serving is not None:
             required.append(serving)
-        experiment = experiments.get(expert.name)
-        if experiment is not None:
-            arm_versions = [arm.version for arm in experiment.arms] + [experiment.shadow_version]
-            required += [versions[v] for v in arm_versions if v is not None and v in versions]
+        required += [versions[v] for v in arms.get(expert.name, ()) if v in versions]
     return experiments, experts, required
+
+
+async def pinned_version(registry: Any, state: ServingState, name: str, version: int) -> Any | None:
+    """The ExpertVersionView of `name@version` (an expert of `state`) as `state` serves it; None when the
+    expert has no such version.
+
+    Versions outside the snapshot (an old `NAME@3`) are read from the registry in a thread, bracketed by
+    the state token like :func:`load_state`: read while the registry is still at the snapshot's token,
+    the answer is the snapshot's and is remembered with the state (until the next one replaces it). Read
+    after the registry moved on (the watcher is about to swap in the newer state, or holds it back), the
+    answer is the registry's current one, used for this request only. A version's content never changes;
+    what can (archived or not) is thus never older than the snapshot.
+    """
+    ref = f"{name}@{version}"
+    view = state.experts[name].versions.get(version)
+    if view is not None or version > VERSION_MAX:  # beyond the column: no such version (nor SQLite bind)
+        return view
+    if ref in state.pinned:
+        return state.pinned[ref]
+    view, current = await asyncio.to_thread(_read_pinned, registry, ref, state.token)
+    if current:
+        if len(state.pinned) >= PINNED_KEPT:
+            del state.pinned[next(iter(state.pinned))]
+        state.pinned[ref] = view
+    return view
+
+
+def _read_pinned(registry: Any, ref: str, token: str) -> tuple[Any | None, bool]:
+    """(view or None, whether it was read at `token`)."""
+    before = registry.state_token()
+    try:
+        view = registry.resolve(ref, include_archived=True)
+    except NotFoundError:
+        view = None
+    return view, before == token == registry.state_token()
 
 
 @dataclass(frozen=True)
@@ -105,6 +152,8 @@ class Target:
     """The version's system prompt and policy, applied to chat messages (None: messages as sent)."""
     system_prompt: str | None = None
     """Whose system prompt the model got: `expert`, `client`, `both` or None (see moe_adapters.prompting)."""
+    view: Any | None = field(default=None, compare=False, repr=False)
+    """The version's ExpertVersionView (its artifact is what a pinned adapter loads from, when `path` is None)."""
 
     @property
     def label(self) -> str:

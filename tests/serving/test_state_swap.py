@@ -216,8 +216,8 @@ def test_a_new_state_is_served_only_once_all_its_adapters_are_loaded(
 
 
 class WritesWhileReading:
-    """The real registry, with a real write (a promotion) committed right after each `list_experts` read,
-    i.e. in the middle of :func:`serving.state.load_state`, while writes are left."""
+    """The real registry, with a real write (a promotion) committed right after each `active_experiments`
+    read, i.e. in the middle of :func:`serving.state.load_state`, while writes are left."""
 
     def __init__(self, registry: Registry, promotions: list[str]) -> None:
         self.registry = registry
@@ -226,11 +226,11 @@ class WritesWhileReading:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.registry, name)
 
-    def list_experts(self) -> Any:
-        experts = self.registry.list_experts()
+    def active_experiments(self) -> Any:
+        experiments = self.registry.active_experiments()
         if self.promotions:
             self.registry.promote(self.promotions.pop(0))
-        return experts
+        return experiments
 
 
 def test_load_state_reads_one_registry_state_even_when_a_write_lands_midway(
@@ -243,7 +243,7 @@ def test_load_state_reads_one_registry_state_even_when_a_write_lands_midway(
             registry.register_run(make_run_dir(tmp_path, EXPERTS[:2], seed=seed))
         state = load_state(WritesWhileReading(registry, [f"{EXPERTS[0]}@2"]))
         entry = state.experts[EXPERTS[0]]
-        # Read once, this would pair the aliases from before the promotion with the serving version after.
+        # Read once, this would label the experts read after the promotion with the token from before it.
         assert state.token == registry.state_token()
         assert entry.aliases == {"prod": 2} and entry.serving.version == 2
         assert set(state.required) == {f"{EXPERTS[0]}@2", f"{EXPERTS[1]}@1"}
