@@ -91,8 +91,8 @@ def parse_ref(ref: str) -> Ref:
     match = _VERSION_RE.match(selector)
     if match:
         version = int(match.group(1))
-        if version < 1:
-            raise ValidationError(f"invalid version in {ref!r}: versions start at 1")
+        if not 1 <= version <= VERSION_MAX:
+            raise ValidationError(f"invalid version in {ref!r}: versions go from 1 to {VERSION_MAX}")
         return Ref(name, version=version)
     return Ref(name, alias=validate_alias(selector))
 

@@ -56,6 +56,7 @@ def test_resolve_name_prefers_prod_over_latest(registry: Registry, tmp_path: Pat
         ("summarize@9", NotFoundError),
         ("summarize@staging", NotFoundError),
         ("summarize@0", ValidationError),
+        ("summarize@" + "9" * 20, ValidationError),  # beyond the version column (SQLite: OverflowError)
         ("../etc/passwd", ValidationError),
         ("a/b", ValidationError),
         ("x" * 65, ValidationError),
