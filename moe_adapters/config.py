@@ -228,6 +228,13 @@ class TrainConfig:
     the metric early stopping uses) is strictly lower than the shared adapter's on the same rows; other
     tasks are served by ``experts/shared`` (the router sends them there) and their experts are saved
     under ``candidates/`` only."""
+    keep_if_better_by: Literal["val_loss", "val_metric"] = "val_loss"
+    """What keep-if-better compares: ``val_loss`` (default; the number early stopping uses) or
+    ``val_metric``: each adapter's greedy answers to the task's validation rows (as served: its system
+    prompt rule and chat template; transformers' generate, up to ``moea eval``'s default new tokens) scored
+    with the metric ``moea eval`` reports for the task's kind; the expert is kept only where it scores
+    strictly higher. Slower (one generation per validation row and adapter), and the val loss can fall
+    while greedy answers get worse. Not with FSDP."""
     quantize: Literal["none", "4bit"] = "none"
     """``4bit``: QLoRA, the base model loaded in 4-bit NF4 with bitsandbytes (double quantization, bf16
     compute; ``pip install 'moea[qlora]'``), the LoRA experts in full precision on top. Checked when the

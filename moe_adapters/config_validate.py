@@ -300,6 +300,10 @@ def _validate_train(tr: TrainConfig) -> list[str]:
         errors.append(
             "train.expert_start: 'continue' goes on from the shared warm-up, so it needs train.shared_steps > 0"
         )
+    if tr.keep_if_better_by != "val_loss" and not tr.keep_if_better:
+        errors.append(
+            "train.keep_if_better_by: says what keep-if-better compares; set train.keep_if_better: true"
+        )
     if tr.keep_if_better and tr.shared_steps <= 0:
         errors.append(
             "train.keep_if_better: compares each expert with the shared adapter, so it needs "

@@ -19,7 +19,8 @@ from typing import Any
 from moe_adapters.config import SHARED_ADAPTER
 
 RECIPE_METRIC = "val_loss"
-"""What keep-if-better compares: token-weighted response cross-entropy on the task's validation rows."""
+"""What keep-if-better compares by default: token-weighted response cross-entropy on the task's validation
+rows (``train.keep_if_better_by: val_loss``); ``val_metric``: :func:`keep_if_better_by_metric`."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -46,6 +47,38 @@ def keep_if_better(
         decisions[task] = {
             "expert_val_loss": expert,
             "shared_val_loss": shared,
+            "kept": kept,
+            "reason": reason,
+        }
+    return decisions
+
+
+def keep_if_better_by_metric(
+    expert_scores: dict[str, dict[str, Any] | None],
+    shared_scores: dict[str, dict[str, Any] | None],
+    losses: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Per task: keep the expert only where its greedy answers to the task's validation rows score strictly
+    higher (the task kind's headline metric, :mod:`moe_adapters.recipe_metric`) than the shared adapter's.
+
+    A tie goes to the shared adapter, as with the loss; a task without validation rows keeps its expert.
+    ``losses`` are :func:`keep_if_better`'s decisions, whose val losses are recorded alongside.
+    """
+    decisions = {}
+    for task, expert in expert_scores.items():
+        shared = shared_scores.get(task)
+        if expert is None or shared is None:
+            kept, reason = True, "no validation rows to score: expert kept"
+        elif expert["score"] > shared["score"]:
+            kept, reason = True, f"expert has the higher val {expert['metric']}"
+        else:
+            kept, reason = False, f"shared adapter's val {shared['metric']} is higher or equal"
+        decisions[task] = {
+            "expert_val_loss": losses[task]["expert_val_loss"],
+            "shared_val_loss": losses[task]["shared_val_loss"],
+            "val_metric": (expert or shared or {}).get("metric"),
+            "expert_val_metric": None if expert is None else expert["score"],
+            "shared_val_metric": None if shared is None else shared["score"],
             "kept": kept,
             "reason": reason,
         }
@@ -80,8 +113,13 @@ def format_decisions(decisions: dict[str, dict[str, Any]]) -> list[str]:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    return [
-        f"keep-if-better {task}: expert val loss {fmt(d['expert_val_loss'])} vs shared "
-        f"{fmt(d['shared_val_loss'])} -> {'expert kept' if d['kept'] else 'served by shared'}"
-        for task, d in decisions.items()
-    ]
+    lines = []
+    for task, d in decisions.items():
+        by = ""
+        if "val_metric" in d:
+            by = f"val {d['val_metric']} {fmt(d['expert_val_metric'])} vs shared {fmt(d['shared_val_metric'])}; "
+        lines.append(
+            f"keep-if-better {task}: {by}expert val loss {fmt(d['expert_val_loss'])} vs shared "
+            f"{fmt(d['shared_val_loss'])} -> {'expert kept' if d['kept'] else 'served by shared'}"
+        )
+    return lines

@@ -10,7 +10,14 @@ from typing import Any
 
 from moe_adapters.config import SHARED_ADAPTER
 from moe_adapters.data import Example, tokenize_rows, training_prompt_spec
-from moe_adapters.recipes import RECIPE_METRIC, format_decisions, keep_if_better, serving_adapters
+from moe_adapters.recipe_metric import val_metric
+from moe_adapters.recipes import (
+    RECIPE_METRIC,
+    format_decisions,
+    keep_if_better,
+    keep_if_better_by_metric,
+    serving_adapters,
+)
 from moe_adapters.train_state import Trainer, TrainError
 from moe_adapters.train_step import evaluate_expert, flush_losses, record_eval
 
@@ -114,9 +121,10 @@ def continue_from_shared(trainer: Trainer) -> None:
             group["lr"] = group["initial_lr"] * schedule(expert.scheduler.last_epoch)
 
 
-def recipe_record(trainer: Trainer, quiet: bool = False) -> dict[str, Any] | None:
+def recipe_record(trainer: Trainer, tokenizer: Any = None, quiet: bool = False) -> dict[str, Any] | None:
     """The shared warm-up's steps and, with ``keep_if_better``, each task's decision (printed unless
-    ``quiet``). In a multi-process run every rank calls it (the evaluations are collective)."""
+    ``quiet``). In a multi-process run every rank calls it (the evaluations are collective; with
+    ``keep_if_better_by: val_metric`` every rank also generates the same greedy answers)."""
     if SHARED_ADAPTER not in trainer.experts:
         return None
     tr, shared = trainer.config.train, trainer.experts[SHARED_ADAPTER]
@@ -138,7 +146,28 @@ def recipe_record(trainer: Trainer, quiet: bool = False) -> dict[str, Any] | Non
     shared_losses = {t: evaluate_expert(trainer, shared, [t]) for t in tasks}
     expert_losses = {t: trainer.experts[t].best_val_loss for t in tasks}
     decisions = keep_if_better(expert_losses, shared_losses)
-    record.update({"metric": RECIPE_METRIC, "decisions": decisions, "serving": serving_adapters(decisions)})
+    metric = RECIPE_METRIC
+    if tr.keep_if_better_by == "val_metric":
+        decisions, metric = _decide_by_metric(trainer, tokenizer, tasks, decisions), "val_metric"
+    record.update({"metric": metric, "decisions": decisions, "serving": serving_adapters(decisions)})
     for line in [] if quiet else format_decisions(decisions):
         print(line, file=sys.stderr)
     return record
+
+
+def _decide_by_metric(
+    trainer: Trainer, tokenizer: Any, tasks: list[str], losses: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Keep-if-better by each task's metric on greedy answers to its validation rows: the shared adapter
+    (frozen at its best) and each expert at its best weights, the ones the run saves."""
+    from peft import set_peft_model_state_dict
+
+    shared = trainer.experts[SHARED_ADAPTER]
+    shared_scores = {t: val_metric(trainer, tokenizer, shared, t) for t in tasks}
+    expert_scores = {}
+    for task in tasks:
+        expert = trainer.experts[task]
+        if expert.best_state is not None:
+            set_peft_model_state_dict(trainer.model, expert.best_state, adapter_name=expert.adapter)
+        expert_scores[task] = val_metric(trainer, tokenizer, expert, task)
+    return keep_if_better_by_metric(expert_scores, shared_scores, losses)

@@ -76,6 +76,15 @@ def train_mixture(
     check_quantize_backend(config.train.quantize, parallel.device or pick_device()[0])
     if parallel.fsdp is not None and config.train.quantize == QUANTIZE_4BIT:
         raise TrainError("train.quantize=4bit does not combine with FSDP in moea: use FSDP, or 4bit with DDP")
+    if (
+        parallel.fsdp is not None
+        and config.train.keep_if_better
+        and config.train.keep_if_better_by == "val_metric"
+    ):
+        raise TrainError(
+            "train.keep_if_better_by=val_metric does not combine with FSDP in moea (greedy generation on "
+            "sharded layers): use val_loss, or DDP"
+        )
     budget_record = apply_budget(config, single_adapter, budget)
     drop_recipes_for_single_adapter(config, single_adapter)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -107,7 +116,7 @@ def train_mixture(
     if os.environ.get(TEST_DIGEST_ENV):
         write_rank_digests(trainer, Path(os.environ[TEST_DIGEST_ENV]))
     # Every rank: keep-if-better's evaluations are collective (DDP sums, FSDP gathers the base's layers).
-    recipe = recipe_record(trainer, quiet=not parallel.is_main)
+    recipe = recipe_record(trainer, tokenizer, quiet=not parallel.is_main)
     if parallel.is_main:
         # Rank 0 finishes alone (writes, router training on its own encoder): no forward of trainer.model.
         trainer.parallel = Parallel()
@@ -160,6 +169,7 @@ def drop_recipes_for_single_adapter(config: MixtureConfig, single_adapter: bool)
             file=sys.stderr,
         )
         tr.shared_steps, tr.keep_if_better, tr.expert_start = 0, False, "fresh"
+        tr.keep_if_better_by = "val_loss"
 
 
 def report_long_rows(data: MixtureData, policy: str, quiet: bool = False) -> None:

@@ -21,7 +21,14 @@ from moe_adapters.config_load import load_mixture
 from moe_adapters.eval_plan import plan_requests
 from moe_adapters.eval_scoring import router_report
 from moe_adapters.eval_types import EvalCase, EvalSettings
-from moe_adapters.recipes import keep_if_better, read_serving, relabel_router_prompts, serving_adapters
+from moe_adapters.recipes import (
+    format_decisions,
+    keep_if_better,
+    keep_if_better_by_metric,
+    read_serving,
+    relabel_router_prompts,
+    serving_adapters,
+)
 from moe_adapters.train import train_mixture
 from moe_adapters.train_state import RunSchedule, warmup_cosine
 
@@ -56,6 +63,24 @@ def test_keep_if_better_decision(expert: float | None, shared: float | None, kep
     json.dumps(decision, allow_nan=False)  # finite numbers or null only: metrics.json stays strict JSON
 
 
+def test_keep_if_better_by_metric_decision() -> None:
+    losses = keep_if_better(
+        {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}, {"a": 2.0, "b": 2.0, "c": 2.0, "d": 2.0}
+    )
+    acc = lambda score: {"metric": "accuracy", "score": score, "n": 4}  # noqa: E731
+    decisions = keep_if_better_by_metric(
+        {"a": acc(0.75), "b": acc(0.5), "c": acc(0.5), "d": None},
+        {"a": acc(0.5), "b": acc(0.75), "c": acc(0.5), "d": None},
+        losses,
+    )
+    # the metric decides, not the loss (every expert has the lower loss here); a tie goes to shared
+    assert {t: d["kept"] for t, d in decisions.items()} == {"a": True, "b": False, "c": False, "d": True}
+    assert decisions["a"]["expert_val_metric"] == 0.75 and decisions["a"]["shared_val_metric"] == 0.5
+    assert decisions["b"]["val_metric"] == "accuracy" and decisions["b"]["expert_val_loss"] == 1.0
+    assert decisions["d"]["val_metric"] is None and "no validation rows" in decisions["d"]["reason"]
+    assert "val accuracy 0.5000 vs shared 0.7500" in format_decisions(decisions)[1]
+
+
 def test_router_prompts_relabel_losing_tasks_and_serving_map_reads_back() -> None:
     serving = {"a": "a", "b": "shared", "c": "shared"}
     merged = relabel_router_prompts({"a": ["1"], "b": ["2"], "c": ["3", "4"]}, serving)
@@ -79,6 +104,10 @@ def test_router_prompts_relabel_losing_tasks_and_serving_map_reads_back() -> Non
         (
             {"train.shared_steps": 2, "train.expert_start": "resume"},
             "train.expert_start: 'resume' is not one",
+        ),
+        (
+            {"train.shared_steps": 2, "train.keep_if_better_by": "val_metric"},
+            "train.keep_if_better_by: .* set train.keep_if_better: true",
         ),
     ],
 )
@@ -181,6 +210,53 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
     assert {e.name for e in plan.experts} == {"arithmetic", "shared"}
     assert plan.router is not None and set(plan.router.labels) <= {e.name for e in plan.experts}
     assert plan.experts[1].metrics["steps"] == 4  # shared's training record travels with its version
+
+
+@pytest.mark.slow
+def test_keep_if_better_by_val_metric_scores_the_saved_adapters_as_served(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_adapters.base_model import resolve_base_model
+    from moe_adapters.data import load_mixture_data, training_prompt_spec
+    from moe_adapters.data_tokenize import render_prompt
+    from moe_adapters.metrics import score_task
+
+    overrides = {"train.keep_if_better": True, "train.keep_if_better_by": "val_metric"}
+    out = _run(tmp_path / "run", **overrides)
+    recipe = json.loads((out / "metrics.json").read_text())["recipe"]
+    assert recipe["metric"] == "val_metric"
+    base = resolve_base_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = load_mixture(MIXTURE, {**RECIPE, **overrides})
+    data = load_mixture_data(config, tokenizer)
+    limit = config.train.eval_batches * config.train.batch_size
+
+    def score(adapter_dir: Path, task: str, single: bool) -> float:  # an independent greedy pass
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval()
+        rows = data.tasks[task].val[:limit]
+        spec = training_prompt_spec(data.tasks[task].config, single_adapter=single)
+        answers = []
+        for row in rows:
+            ids = tokenizer(render_prompt(tokenizer, row.client_messages(), spec), add_special_tokens=False,
+                            return_tensors="pt")["input_ids"]  # fmt: skip
+            with torch.no_grad():
+                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=96, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+            answers.append(tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        kind = data.tasks[task].config.kind
+        return score_task(kind, answers, [r.response for r in rows], None, [r.extra for r in rows])["score"]
+
+    placed = {p.name: p for folder in ("experts", "candidates") for p in (out / folder).iterdir()}
+    for task in ("sentiment", "arithmetic"):
+        decision = recipe["decisions"][task]
+        assert (
+            decision["val_metric"] == {"sentiment": "accuracy", "arithmetic": "final_number_accuracy"}[task]
+        )
+        assert decision["expert_val_metric"] == pytest.approx(score(placed[task], task, single=False))
+        assert decision["shared_val_metric"] == pytest.approx(score(placed["shared"], task, single=True))
+        assert decision["kept"] == (decision["expert_val_metric"] > decision["shared_val_metric"])
+        assert recipe["serving"][task] == (task if decision["kept"] else "shared")
 
 
 def _cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
