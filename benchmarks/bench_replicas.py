@@ -172,7 +172,9 @@ async def failover(
         sent_before = await sent_to(http, gateway, replica)
         t["kill"] = time.monotonic()
         os.killpg(b.pid, signal.SIGKILL)
-        t["out"] = await until(lambda: _not(in_rotation(http, gateway, b.url)), 0.02)
+        out = asyncio.create_task(until(lambda: _not(in_rotation(http, gateway, b.url)), 0.02))
+        t["dead"] = await until(lambda: _is(not b.running), 0.005)  # the API server process is gone
+        t["out"] = await out
         b.stop()  # reaps the killed process group
         sent_when_out = await sent_to(http, gateway, replica)
         await asyncio.sleep(3.0)  # A alone
@@ -207,7 +209,9 @@ async def failover(
         "retried_after_broken_connection": retries.get((replica, "broken"), 0.0),
         "sent_to_b_before_kill": sent_before,
         "sent_to_b_between_out_and_rejoin": sent_before_rejoin - sent_when_out,
+        "kill_to_api_server_exit_s": round(t["dead"] - t["kill"], 3),
         "kill_to_out_of_rotation_s": round(t["out"] - t["kill"], 3),
+        "gateway_log_down": [line[:200] for line in _down_lines(home / "serve-2.log")],
         "restart_to_vllm_up_s": round(t["engine_up"] - t["restart"], 2),
         "vllm_up_to_in_rotation_s": round(t["in_rotation"] - t["engine_up"], 2),
         "restart_to_in_rotation_s": round(t["in_rotation"] - t["restart"], 2),
@@ -216,6 +220,15 @@ async def failover(
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     return numbers, b
+
+
+def _down_lines(log: Path) -> list[str]:
+    """The gateway's log lines saying why a replica left the rotation (first of each outage)."""
+    return [line for line in log.read_text(errors="replace").splitlines() if " down: " in line][:4]
+
+
+async def _is(value: bool) -> bool:
+    return value
 
 
 async def _not(check: Any) -> bool:
