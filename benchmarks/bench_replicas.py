@@ -6,7 +6,7 @@ cost: failed requests, seconds from the kill until the gateway takes it out of r
 restart until it serves again (its vLLM start, then the gateway loading every serving adapter into it)?
 
     .venv/bin/python benchmarks/bench_replicas.py [--quick | --smoke] [--clients 4] [--duration 15]
-        [--rounds 2] [--max-tokens 8]
+        [--rounds 2] [--max-tokens 8] [--load-during-restart]
 
 Two vLLM CPU servers (A, B: `VLLM_CPU_KVCACHE_SPACE=1`, `VLLM_CPU_OMP_THREADS_BIND=0-1`, started as `moea
 serve` starts its own) and two gateways on one registry (synthetic run: math, sentiment, router):
@@ -17,8 +17,9 @@ group gets SIGKILL; the gateway's /health (polled every 20 ms) says when B left 
 restarted on its port; its own /health says when vLLM is up, the gateway's /health when B is back in
 rotation, the gateway's `moea_engine_requests_total` when B takes its first request. Then B is killed once
 more with no traffic: the health check alone takes it out (nothing in flight to notice it first). The load
-goes on while B restarts (``--smoke``: paused, since B's start competes with A's busy OpenMP threads for the
-same two cores and took ~6 min instead of ~1 under load here).
+pauses while B's vLLM starts and resumes once it answers /health (``--load-during-restart`` keeps it on:
+B's start then competes with A's busy OpenMP threads for the same two cores, and took 264-626 s instead of
+~35 s here — longer than run_all's 900 s per script allows at ``--quick``).
 
 Sizes (the flags override): full 8 clients x 30 s, 3 rounds; ``--quick`` 4 x 15 s, 2 rounds; ``--smoke``
 2 x 3 s, 1 round (checks that it runs: still two engine starts and a restart, ~3 min). max_tokens 8.
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:  # long: setup, alternating roun
     parser.add_argument("--duration", type=float, default=None, help="seconds per throughput run")
     parser.add_argument("--rounds", type=int, default=None, help="rounds, each one run per configuration")
     parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens of every request")
+    parser.add_argument(
+        "--load-during-restart", action="store_true", help="keep the load on while B's vLLM starts again"
+    )
     args = parser.parse_args(argv)
     size = mode(args)
     plan = SIZES[size]
@@ -301,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:  # long: setup, alternating roun
                         runs[name].append(outcome)
                         print(f"round {index + 1} {name}: {outcome.ok / outcome.seconds:.2f} req/s, "
                               f"{len(outcome.failed)} failed", flush=True)  # fmt: skip
-                kill, b = asyncio.run(failover(home, two, b, clients, args.max_tokens, size != "smoke"))
+                kill, b = asyncio.run(
+                    failover(home, two, b, clients, args.max_tokens, args.load_during_restart)
+                )
                 engines[1] = b
         finally:
             for engine in engines:
