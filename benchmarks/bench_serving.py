@@ -65,14 +65,15 @@ def synthetic_runs(root: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
-    """Run `python -m serving.cli` on a free port until the block ends; yields its URL."""
+def moea_serve(home: Path, *extra: str, log_name: str = "serve.log"):  # type: ignore[no-untyped-def]
+    """Run `python -m serving.cli` on a free port until the block ends; yields its URL (its output goes to
+    `home/log_name`: give each of several gateways on one registry its own)."""
     from registry.local import free_port
 
     port = free_port()
     env = dict(os.environ, MOEA_REGISTRY_URL=f"sqlite:///{home / 'registry.db'}", MOEA_STORE_DIR=str(home / "store"),
                MOEA_API_KEYS=KEY, HF_HUB_OFFLINE="1")  # fmt: skip
-    log = open(home / "serve.log", "wb")  # noqa: SIM115 - closed below
+    log = open(home / log_name, "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "--port", str(port), "--poll-interval", "0.2", *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
@@ -82,7 +83,7 @@ def moea_serve(home: Path, *extra: str):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:
-                tail = (home / "serve.log").read_text(errors="replace").splitlines()[-15:]
+                tail = (home / log_name).read_text(errors="replace").splitlines()[-15:]
                 raise RuntimeError("moea serve exited:\n" + "\n".join(tail))
             if time.monotonic() > deadline:
                 raise RuntimeError("moea serve did not become healthy in 600 s")

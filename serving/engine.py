@@ -144,8 +144,11 @@ class EnginePool:
                 f"engine {replica.url} is not healthy (GET /health failed): start it or fix --engine-url"
             )
         await self._sync_loaded(replica)
-        for name, path in list(self.required.items()):
-            await self._load(replica, name, path)
+        # Every required adapter before the replica takes traffic, including ones `set_required` added
+        # while these loads ran: the last check and `healthy = True` happen with no await in between.
+        while missing := [(name, path) for name, path in self.required.items() if name not in replica.loaded]:
+            for name, path in missing:
+                await self._load(replica, name, path)
         replica.healthy = True
         replica.failures = 0
         self.metrics.engine_healthy.labels(replica.name).set(1)
@@ -228,23 +231,31 @@ class EnginePool:
         return min(ranked, key=lambda replica: replica.inflight)
 
     async def acquire(self, adapter: str | None, path: str | None) -> Lease:
-        """Pick a replica and make sure `adapter` (None = base model) is loaded in it; hold it."""
-        replica = self.pick(adapter)
-        replica.inflight += 1
-        lease = Lease(replica, adapter, path)
-        if adapter is None:
+        """Pick a replica and make sure `adapter` (None = base model) is loaded in it; hold it. A replica
+        that turns out unreachable while loading is marked down and another one is picked, once."""
+        for attempt in range(2):
+            replica = self.pick(adapter)
+            replica.inflight += 1
+            lease = Lease(replica, adapter, path)
+            if adapter is None:
+                return lease
+            replica.in_use[adapter] += 1  # before any await: an unload in progress must see this lease
+            try:
+                if adapter not in replica.loaded:
+                    if path is None:
+                        raise EngineError(f"adapter {adapter} has no artifact path")
+                    await self.ensure_loaded(replica, adapter, path)
+            except EngineUnavailable:
+                self.release(lease)
+                if attempt or replica.healthy:
+                    raise
+                continue
+            except BaseException:
+                self.release(lease)
+                raise
+            replica.last_used[adapter] = time.monotonic()
             return lease
-        replica.in_use[adapter] += 1  # before any await: an unload in progress must see this lease
-        try:
-            if adapter not in replica.loaded:
-                if path is None:
-                    raise EngineError(f"adapter {adapter} has no artifact path")
-                await self.ensure_loaded(replica, adapter, path)
-        except BaseException:
-            self.release(lease)
-            raise
-        replica.last_used[adapter] = time.monotonic()
-        return lease
+        raise AssertionError("unreachable")
 
     def release(self, lease: Lease) -> None:
         """Give a lease back (idempotent)."""
@@ -343,16 +354,17 @@ class EnginePool:
 
         Returns once every healthy replica has them, so a caller may route to them right after.
         Adapters that stop being required are unloaded by :meth:`unload_unused` once no request holds them.
+        A replica that becomes healthy meanwhile gets them here; one still coming back sees the new set
+        (the last check and the assignment happen with no await in between; :meth:`_bring_up` likewise).
         """
         new = {name: str(path) for name, path in adapters.items()}
-        missing = {name: path for name, path in new.items() if name not in self.required}
-        await asyncio.gather(
-            *(
-                self._load(replica, name, path)
-                for replica in self.healthy_replicas
-                for name, path in missing.items()
-            )
-        )
+        while todo := [
+            (replica, name, path)
+            for replica in self.healthy_replicas
+            for name, path in new.items()
+            if name not in replica.loaded
+        ]:
+            await asyncio.gather(*(self._load(replica, name, path) for replica, name, path in todo))
         self._dropped |= set(self.required) - set(new)
         self._dropped -= set(new)
         self.required = new

@@ -1,6 +1,14 @@
 """Forwarding one request to a vLLM replica and relaying its answer: plain JSON (gets the `moea` field)
 or a server-sent event stream passed through event by event (the first event gets the `moea` field, the
-final usage event is read for metrics and dropped unless the client asked for it)."""
+final usage event is read for metrics and dropped unless the client asked for it).
+
+Retry rule (:meth:`Forwarder.send`): a request is sent at most twice, and a second time only while nothing
+of its answer has reached the client — when the replica's connection broke (refused, reset or closed: the
+replica died; it is marked down) before the whole JSON answer, or for a stream before the first bytes of
+its body; or when the replica had forgotten the adapter. The second try goes to a healthy replica picked
+again (the adapter loaded there first). Timeouts are never retried (the engine may still be working), and
+a stream that already relayed events just ends (the client has part of an answer).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +31,10 @@ from .engine import EnginePool, EngineUnavailable, Lease
 from .errors import APIError, unavailable_error
 from .state import Target
 from .vllm_process import EngineError
+
+BROKEN = (httpx.NetworkError, httpx.RemoteProtocolError)
+"""How a replica's connection fails when the replica went away: refused, reset, or closed before the answer
+was complete (a killed vLLM)."""
 
 _USAGE_RE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 _ID_RE = re.compile(rb'"id":\s*"([^"]+)"')
@@ -69,6 +81,19 @@ class Exchange:
         return headers
 
 
+@dataclass
+class Upstream:
+    """A replica's answer to a forwarded request, with the lease it was sent under (the last try's)."""
+
+    lease: Lease
+    response: httpx.Response
+    head: bytes = b""
+    """A stream's first bytes, read before anything reached the client (a replica that dies before them
+    can still be replaced)."""
+    rest: AsyncIterator[bytes] | None = None
+    """The rest of a stream's body (None: not a 200 stream)."""
+
+
 def _moea_json(target: Target) -> bytes:
     return json.dumps(target.moea_field(), separators=(",", ":")).encode()
 
@@ -99,49 +124,77 @@ class Forwarder:
 
     async def send(
         self, lease: Lease, path: str, content: bytes, request_id: str, *, stream: bool
-    ) -> tuple[Lease, httpx.Response]:
-        """Send to the lease's replica; on a refused connection or a forgotten adapter, retry once
-        (the pool re-picks a healthy replica and reloads the adapter). Releases the lease on failure."""
+    ) -> Upstream:
+        """Send to the lease's replica, and once more to a replica picked again when the first one failed
+        before anything reached the client (module docstring: the retry rule); a replica marked down since
+        it was picked is replaced before sending. Releases the lease on failure."""
         try:
             for attempt in range(2):
-                request = self.client.build_request(
-                    "POST",
-                    lease.replica.url + path,
-                    content=content,
-                    headers=self._upstream_headers(request_id),
-                    timeout=self.request_timeout_s,
-                )
+                while not lease.replica.healthy:  # marked down while this request waited (adapter load)
+                    lease = await self._lease_again(lease)
+                replica = lease.replica
+                self.pool.metrics.engine_requests.labels(replica.name).inc()  # no await since the check
                 try:
-                    response = await self.client.send(request, stream=stream)
-                except httpx.ConnectError:
-                    self.pool.mark_down(lease.replica, "connection refused")
+                    upstream = await self._try(lease, path, content, request_id, stream, last=attempt == 1)
+                except BROKEN as error:
+                    self.pool.mark_down(replica, f"{type(error).__name__} during a request")
                     if attempt:
                         raise
+                    reason = "broken"
                 else:
-                    if response.status_code != 404 or lease.adapter is None or attempt:
-                        return lease, response
-                    await response.aread()
-                    if b"does not exist" not in response.content:
-                        return lease, response
-                    lease.replica.loaded.pop(lease.adapter, None)  # the engine lost it (restarted by someone)
-                self.pool.release(lease)
-                lease = await self.lease(lease.adapter, lease.path)
+                    if upstream is not None:
+                        return upstream
+                    replica.loaded.pop(lease.adapter or "", None)  # the engine restarted behind our back
+                    reason = "forgotten"
+                self.pool.metrics.engine_retries.labels(replica.name, reason).inc()
+                lease = await self._lease_again(lease)
         except BaseException:
             self.pool.release(lease)
             raise
         raise AssertionError("unreachable")
+
+    async def _lease_again(self, lease: Lease) -> Lease:
+        self.pool.release(lease)
+        return await self.lease(lease.adapter, lease.path)
+
+    async def _try(
+        self, lease: Lease, path: str, content: bytes, request_id: str, stream: bool, *, last: bool
+    ) -> Upstream | None:
+        """One try; None when the engine had forgotten the adapter and another try is allowed."""
+        request = self.client.build_request(
+            "POST",
+            lease.replica.url + path,
+            content=content,
+            headers=self._upstream_headers(request_id),
+            timeout=self.request_timeout_s,
+        )
+        response = await self.client.send(request, stream=stream)
+        if response.status_code == 404 and lease.adapter is not None and not last:
+            await response.aread()
+            if b"does not exist" in response.content:
+                return None
+        if not stream or response.status_code != 200:
+            return Upstream(lease, response)
+        rest = response.aiter_raw()
+        try:
+            head = await anext(rest, b"")
+        except BaseException:
+            await response.aclose()
+            raise
+        return Upstream(lease, response, head, rest)
 
     async def forward(
         self, lease: Lease, path: str, content: bytes, request_id: str, ex: Exchange
     ) -> Response:
         """Forward a non-streaming request; the JSON answer gets the `moea` field."""
         try:
-            lease, response = await self.send(lease, path, content, request_id, stream=False)
+            upstream = await self.send(lease, path, content, request_id, stream=False)
         except httpx.HTTPError as error:
             raise unavailable_error(
                 f"engine failed during the request ({type(error).__name__}); retry"
             ) from None
-        self.pool.release(lease)
+        self.pool.release(upstream.lease)
+        response = upstream.response
         body = response.content
         ex.status = response.status_code
         if response.status_code == 200:
@@ -165,35 +218,37 @@ class Forwarder:
     ) -> Response:
         """Forward a streaming request: an engine error as its JSON, else the relayed event stream."""
         try:
-            lease, response = await self.send(lease, path, content, request_id, stream=True)
+            upstream = await self.send(lease, path, content, request_id, stream=True)
         except httpx.HTTPError as error:
             raise unavailable_error(
                 f"engine failed before the stream started ({type(error).__name__}); retry"
             ) from None
+        response = upstream.response
         if response.status_code != 200:
             body = await response.aread()
             await response.aclose()
-            self.pool.release(lease)
+            self.pool.release(upstream.lease)
             ex.status = response.status_code
             self.finish(ex)
             return Response(body, status_code=response.status_code, media_type="application/json")
         ex.status = 200
         return ClosingStreamingResponse(
-            self._relay(response, lease, ex, strip_usage),
+            self._relay(response, upstream.lease, ex, strip_usage, upstream.head, upstream.rest),
             media_type="text/event-stream",
             headers=ex.response_headers(),
         )
 
     async def _relay(
-        self, response: httpx.Response, lease: Lease, ex: Exchange, strip_usage: bool
-    ) -> AsyncIterator[bytes]:
-        """Pass SSE events through; the first gets the `moea` field, the final usage event is read (and
-        maybe dropped)."""
+        self, response: httpx.Response, lease: Lease, ex: Exchange, strip_usage: bool,
+        head: bytes = b"", rest: AsyncIterator[bytes] | None = None,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Pass SSE events through (`head`, then `rest`; by default the response's body); the first gets
+        the `moea` field, the final usage event is read (and maybe dropped)."""
         pending = b""
         first: bytes | None = b'data: {"moea":' + _moea_json(ex.target)
         delivered = False  # the client has the whole answer (`data: [DONE]`)
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in _chain(head, rest if rest is not None else response.aiter_raw()):
                 pending += chunk
                 cut = pending.rfind(b"\n\n")
                 if cut < 0:
@@ -210,8 +265,10 @@ class Forwarder:
                     yield events
             if pending:
                 yield pending
-        except httpx.HTTPError:
-            ex.status = 503  # engine died mid-stream: the client sees a truncated stream
+        except httpx.HTTPError as error:
+            ex.status = 503  # engine died mid-stream: the client sees a truncated stream (not retried)
+            if isinstance(error, BROKEN):
+                self.pool.mark_down(lease.replica, f"{type(error).__name__} during a stream")
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away (cancelled while we wait for the engine, or closed by
             # ClosingStreamingResponse while the server sends); once it has `[DONE]` it may close before the
@@ -223,6 +280,13 @@ class Forwarder:
             await response.aclose()
             self.pool.release(lease)
             self.finish(ex)
+
+
+async def _chain(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in rest:
+        yield chunk
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -83,6 +83,19 @@ class GatewayMetrics:
         self.engine_healthy = Gauge(
             "moea_engine_healthy", "1 when the replica is serving.", ["replica"], registry=r
         )
+        self.engine_requests = Counter(
+            "moea_engine_requests",
+            "Requests sent to each engine replica (a request sent again after a failure counts again).",
+            ["replica"],
+            registry=r,
+        )
+        self.engine_retries = Counter(
+            "moea_engine_retries",
+            "Requests sent again to a healthy replica after this one failed them before anything reached the "
+            "client: its connection broke (`broken`; it leaves the rotation) or it had forgotten the adapter.",
+            ["replica", "reason"],
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "moea_engine_restarts", "Engine processes restarted.", ["replica"], registry=r
         )

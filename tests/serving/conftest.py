@@ -120,12 +120,14 @@ def serving_assets(tmp_path_factory: pytest.TempPathFactory) -> ServingAssets:
 
 
 class GatewayThread:
-    """A gateway app served by uvicorn in a background thread (its own event loop) on a free port."""
+    """A gateway app served by uvicorn in a background thread (its own event loop) on a free port (or
+    `port`: a fake engine restarted where it was)."""
 
-    def __init__(self, app: Any, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, app: Any, startup_timeout_s: float = 600.0, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        self.app = app
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
@@ -152,8 +154,11 @@ class GatewayThread:
 
 
 @contextlib.contextmanager
-def running_gateway(registry_url: str, store_dir: Path, base: str, **config: Any) -> Iterator[GatewayThread]:
-    """Start a gateway that owns a real vLLM engine; stop both afterwards."""
+def running_gateway(
+    registry_url: str, store_dir: Path, base: str, engine_urls: tuple[str, ...] = (), **config: Any
+) -> Iterator[GatewayThread]:
+    """Start a gateway that owns a real vLLM engine (or uses the running ones at `engine_urls`, as
+    `moea serve --engine-url ...` does); stop it (and its own engine) afterwards."""
     from moe_adapters.base_model import DEFAULT_BASE_NAME
     from registry.service import Registry
     from serving.app import create_app
@@ -169,7 +174,10 @@ def running_gateway(registry_url: str, store_dir: Path, base: str, **config: Any
                               cpu_threads_bind="0-1")  # fmt: skip
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     metrics = GatewayMetrics()
-    pool = EnginePool(client, settings=settings, metrics=metrics)
+    if engine_urls:
+        pool = EnginePool(client, urls=engine_urls, capacity=settings.adapter_capacity, metrics=metrics)
+    else:
+        pool = EnginePool(client, settings=settings, metrics=metrics)
     gateway = Gateway(
         GatewayConfig(base_name=DEFAULT_BASE_NAME, poll_interval_s=0.2, **config),
         registry,
