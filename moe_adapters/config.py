@@ -19,10 +19,11 @@ documented dataclass field); :func:`moe_adapters.config_load.load_mixture` reads
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from moe_adapters.prompting import PromptPolicy, PromptSpec
 
@@ -240,6 +241,26 @@ class TrainConfig:
     compute; ``pip install 'moea[qlora]'``), the LoRA experts in full precision on top. Checked when the
     mixture is loaded for training: bitsandbytes must be able to quantize on this machine (CUDA, or its
     CPU backend). The adapters are ordinary adapters of the unquantized base, which serving and export use."""
+
+    def uses_recipes(self) -> bool:
+        """Whether any of :data:`RECIPE_FIELDS` differs from its default (plain experts)."""
+        defaults = _field_defaults(TrainConfig)
+        return any(getattr(self, name) != defaults[name] for name in RECIPE_FIELDS)
+
+    def recipes_off(self) -> None:
+        """Plain experts: every one of :data:`RECIPE_FIELDS` back to its default (what a run that trains one
+        adapter for all its steps means)."""
+        defaults = _field_defaults(TrainConfig)
+        for name in RECIPE_FIELDS:
+            setattr(self, name, defaults[name])
+
+
+RECIPE_FIELDS = ("shared_steps", "expert_start", "keep_if_better", "keep_if_better_by")
+"""The ``train`` settings of the expert recipes; ``--single-adapter`` runs and sweep trials set them off."""
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 @dataclass

@@ -33,7 +33,7 @@ from moe_adapters.config import MixtureConfig
 from moe_adapters.config_load import load_mixture, mixture_yaml
 from moe_adapters.dpo_data import PairTokens, tokenize_pairs
 from moe_adapters.dpo_eval import (
-    greedy_answers,
+    greedy_probe,
     greedy_win_rate,
     heldout_line,
     preference_accuracy,
@@ -159,7 +159,7 @@ def train_and_measure(
 
     "Before" is always the starting version's (``model`` holds it until TRL loads ``resume_from``)."""
     before = score_pairs(model, heldout_tokens) if heldout_tokens else None
-    before_greedy = greedy_answers(model, tokenizer, heldout_tokens) if heldout_tokens else []
+    before_greedy = greedy_probe(model, tokenizer, heldout_tokens) if heldout_tokens else []
     step_start = time.perf_counter()
     log_history = run_dpo(
         model, tokenizer, train_tokens, config, progress=progress, out_dir=out_dir, resume_from=resume_from
@@ -168,7 +168,7 @@ def train_and_measure(
     metrics["dpo"]["heldout"] = None
     if heldout_tokens and before is not None:
         after = preference_accuracy(score_pairs(model, heldout_tokens), before, config.dpo.beta)
-        after |= greedy_win_rate(tokenizer, heldout_tokens, greedy_answers(model, tokenizer, heldout_tokens))
+        after |= greedy_win_rate(tokenizer, heldout_tokens, greedy_probe(model, tokenizer, heldout_tokens))
         before_report = preference_accuracy(before) | greedy_win_rate(
             tokenizer, heldout_tokens, before_greedy
         )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from moe_adapters.dpo_data import PairTokens
+from moe_adapters.greedy import answer_text, greedy_answers
 
 
 @dataclass(frozen=True)
@@ -113,40 +114,11 @@ GREEDY_EXTRA_TOKENS = 4
 """Tokens generated past the pair's longer answer: enough to show what an off-target answer says."""
 
 
-def answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """An answer's ids as the text compared by :func:`greedy_win_rate` (special tokens dropped, stripped)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-
-@torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, pairs: Sequence[PairTokens]) -> list[str]:
-    """``model``'s greedy answer to each pair's prompt ids, as :func:`answer_text`; at most the pair's
-    longer answer plus :data:`GREEDY_EXTRA_TOKENS` tokens, stopping at EOS (one prompt at a time: no
-    padding, so each prompt is exactly the ids the pairs were scored on)."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    for pair in pairs:
-        settings = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max(len(pair.chosen_ids), len(pair.rejected_ids)) + GREEDY_EXTRA_TOKENS,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
-            use_cache=True,
-        )
-        ids = torch.tensor([pair.prompt_ids], device=device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
-        )
-        out.append(answer_text(tokenizer, generated[0, len(pair.prompt_ids) :].tolist()))
-    if was_training:
-        model.train()
-    return out
+def greedy_probe(model: Any, tokenizer: Any, pairs: Sequence[PairTokens]) -> list[str]:
+    """``model``'s greedy answer to each pair's prompt ids (:func:`moe_adapters.greedy.greedy_answers`):
+    at most the pair's longer answer plus :data:`GREEDY_EXTRA_TOKENS` tokens, stopping at EOS."""
+    limits = [max(len(p.chosen_ids), len(p.rejected_ids)) + GREEDY_EXTRA_TOKENS for p in pairs]
+    return greedy_answers(model, tokenizer, [p.prompt_ids for p in pairs], limits)
 
 
 def greedy_win_rate(tokenizer: Any, pairs: Sequence[PairTokens], answers: Sequence[str]) -> dict[str, Any]:

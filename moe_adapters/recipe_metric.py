@@ -17,12 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from moe_adapters.data import training_prompt_spec
 from moe_adapters.data_rows import Row
 from moe_adapters.data_tokenize import render_prompt
 from moe_adapters.eval_types import EvalSettings
+from moe_adapters.greedy import greedy_answers
 from moe_adapters.metrics import score_task
 from moe_adapters.train_state import ExpertState, Trainer
 
@@ -50,32 +49,11 @@ def val_metric(trainer: Trainer, tokenizer: Any, expert: ExpertState, task: str)
     return {"metric": scored["metric"], "score": float(scored["score"]), "n": len(rows)}
 
 
-@torch.no_grad()
 def greedy_texts(trainer: Trainer, tokenizer: Any, adapter: str, prompts: Sequence[str]) -> list[str]:
-    """Greedy answers of PEFT adapter ``adapter`` to chat-templated ``prompts`` (special tokens dropped)."""
-    from transformers import GenerationConfig
-
-    model = trainer.model
-    was_training = model.training
+    """Greedy answers of PEFT adapter ``adapter`` to chat-templated ``prompts``
+    (:func:`moe_adapters.greedy.greedy_answers`, at most :data:`VAL_METRIC_NEW_TOKENS` tokens each)."""
     if trainer.active_adapter != adapter:  # as the training step activates one (train_step._activate)
-        model.base_model.set_adapter(adapter)
+        trainer.model.base_model.set_adapter(adapter)
         trainer.active_adapter = adapter
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=VAL_METRIC_NEW_TOKENS,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad,
-        use_cache=True,
-    )
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(trainer.device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
-        )
-        out.append(tokenizer.decode(generated[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip())
-    if was_training:
-        model.train()
-    return out
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return greedy_answers(trainer.model, tokenizer, ids, [VAL_METRIC_NEW_TOKENS] * len(ids))

@@ -95,8 +95,7 @@ def write_task_mixture(config: MixtureConfig, task: str, task_dir: Path) -> Path
     single = copy.deepcopy(config)
     single.tasks = [t for t in config.tasks if t.name == task or t.replay]
     single.router.enabled = False
-    single.train.shared_steps, single.train.keep_if_better, single.train.expert_start = 0, False, "fresh"
-    single.train.keep_if_better_by = "val_loss"
+    single.train.recipes_off()
     task_dir.mkdir(parents=True, exist_ok=True)
     path = task_dir / "mixture.yaml"
     path.write_text(mixture_yaml(single))

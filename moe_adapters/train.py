@@ -162,14 +162,13 @@ def drop_recipes_for_single_adapter(config: MixtureConfig, single_adapter: bool)
     """A single-adapter run is the multi-task baseline: ``train.shared_steps`` / ``keep_if_better`` do not
     apply (it trains one adapter for all its steps); they are set off with a note."""
     tr = config.train
-    if single_adapter and (tr.shared_steps or tr.keep_if_better or tr.expert_start != "fresh"):
+    if single_adapter and tr.uses_recipes():
         print(
-            "--single-adapter: train.shared_steps, train.expert_start and train.keep_if_better do not apply "
-            "(one adapter trains all steps); ignored",
+            "--single-adapter: train.shared_steps, train.expert_start and train.keep_if_better(_by) do not "
+            "apply (one adapter trains all steps); ignored",
             file=sys.stderr,
         )
-        tr.shared_steps, tr.keep_if_better, tr.expert_start = 0, False, "fresh"
-        tr.keep_if_better_by = "val_loss"
+        tr.recipes_off()
 
 
 def report_long_rows(data: MixtureData, policy: str, quiet: bool = False) -> None:

@@ -4,6 +4,7 @@ model once and adds every adapter."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
@@ -230,17 +231,20 @@ def hash_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
+def warmup_cosine_factor(step: float, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:
+    """LR factor at ``step``: linear warmup, then cosine decay to ``floor`` at ``total_steps`` (held after)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Callable[[float], float]:
-    """LR factor: linear warmup, then cosine decay to ``floor`` at ``total_steps`` (held after)."""
-
-    def factor(step: float) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    """:func:`warmup_cosine_factor` as a function of the step alone (for ``LambdaLR``)."""
+    return functools.partial(
+        warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps, floor=floor
+    )
 
 
 class RunSchedule:
@@ -262,4 +266,4 @@ class RunSchedule:
 
     def __call__(self, step: int) -> float:
         scale = (self.total_steps - self.offset) / max(1, self.own_steps) if self.offset else 1.0
-        return warmup_cosine(self.warmup_steps, self.total_steps)(self.offset + step * scale)
+        return warmup_cosine_factor(self.offset + step * scale, self.warmup_steps, self.total_steps)

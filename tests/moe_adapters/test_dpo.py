@@ -14,7 +14,8 @@ from moe_adapters.base_model import resolve_base_model
 from moe_adapters.config import ConfigError, DpoSettings
 from moe_adapters.config_load import load_mixture
 from moe_adapters.dpo_data import tokenize_pairs
-from moe_adapters.dpo_eval import PairScores, answer_text, greedy_win_rate, heldout_line, preference_accuracy
+from moe_adapters.dpo_eval import PairScores, greedy_win_rate, heldout_line, preference_accuracy
+from moe_adapters.greedy import answer_text
 from moe_adapters.preferences import PreferenceFileError, read_preferences
 from moe_adapters.prompting import PromptSpec
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_adapters import shared_phase, train_loop
-from moe_adapters.config import ConfigError
+from moe_adapters.config import RECIPE_FIELDS, ConfigError, TrainConfig
 from moe_adapters.config_load import load_mixture
 from moe_adapters.eval_plan import plan_requests
 from moe_adapters.eval_scoring import router_report
@@ -29,7 +29,8 @@ from moe_adapters.recipes import (
     relabel_router_prompts,
     serving_adapters,
 )
-from moe_adapters.train import train_mixture
+from moe_adapters.sweep_run import write_task_mixture
+from moe_adapters.train import drop_recipes_for_single_adapter, train_mixture
 from moe_adapters.train_state import RunSchedule, warmup_cosine
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -114,6 +115,33 @@ def test_router_prompts_relabel_losing_tasks_and_serving_map_reads_back() -> Non
 def test_recipe_settings_are_validated(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_mixture(MIXTURE, overrides)
+
+
+def test_single_adapter_runs_and_sweep_trials_set_every_recipe_off(tmp_path) -> None:
+    """One rule (``TrainConfig.recipes_off``) for ``--single-adapter`` and the sweep's one-task mixtures: with
+    every recipe setting on, both come back as plain experts (each field at its default)."""
+    recipes_on = {
+        "train.shared_steps": 2,
+        "train.expert_start": "continue",
+        "train.keep_if_better": True,
+        "train.keep_if_better_by": "val_metric",
+    }
+    assert {f"train.{name}" for name in RECIPE_FIELDS} == set(recipes_on)
+    defaults = TrainConfig()
+    config = load_mixture(MIXTURE, recipes_on)
+    assert config.train.uses_recipes()
+    drop_recipes_for_single_adapter(config, single_adapter=False)
+    assert config.train.uses_recipes()  # an experts run keeps them
+    drop_recipes_for_single_adapter(config, single_adapter=True)
+    assert not config.train.uses_recipes()
+    assert all(getattr(config.train, n) == getattr(defaults, n) for n in RECIPE_FIELDS)
+
+    config = load_mixture(MIXTURE, recipes_on)
+    task = config.expert_tasks[0].name
+    written = load_mixture(write_task_mixture(config, task, tmp_path / task))
+    assert [t.name for t in written.expert_tasks] == [task]
+    assert not written.train.uses_recipes()
+    assert config.train.uses_recipes()  # the sweep's own mixture is left as it was
 
 
 def test_eval_scores_oracle_with_the_serving_adapter() -> None:
