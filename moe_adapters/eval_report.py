@@ -48,6 +48,39 @@ def _score_table(section: dict[str, Any], abstain_header: str = "abstain") -> li
     return lines
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.3f}".replace("-", "−")
+
+
+def paired_lines(paired: dict[str, Any] | None) -> list[str]:
+    """eval.md section: every system minus the reference per task and on the mean, with the interval."""
+    if not paired or not paired["systems"]:
+        return []
+    tasks = list(next(iter(paired["systems"].values()))["tasks"])
+    level = round(100 * paired["level"])
+    lines = [
+        "",
+        f"## Paired differences vs {paired['reference']} ({level}% bootstrap interval over test rows)",
+        "",
+        f"Each system's headline score minus {paired['reference']}'s on the same rows; the interval resamples "
+        f"rows ({paired['resamples']:,} draws, the same draw for both systems; the mean resamples each task "
+        "on its own). An interval that holds 0 is no evidence of a difference.",
+        "",
+        "| system | " + " | ".join(tasks) + " | **mean** |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for system, diffs in paired["systems"].items():
+        cells = []
+        for entry in [diffs["tasks"].get(t) for t in tasks] + [diffs["mean"]]:
+            cells.append(
+                "–"
+                if entry is None
+                else f"{_signed(entry['diff'])} [{_signed(entry['ci_low'])}, {_signed(entry['ci_high'])}]"
+            )
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _robustness_lines(report: dict[str, Any]) -> list[str]:
     """eval.md section: test rows worded with instructions no training row uses, and OOD prompts."""
     unseen, ood = report.get("unseen"), report.get("ood")
@@ -123,6 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         used = ", ".join(f"{task} → `{ref}`" for task, ref in sorted(report["experts_from_registry"].items()))
         lines += [f"Experts from the registry (oracle and moe): {used}; the others from the run dir.", ""]
     lines += _score_table(report)
+    lines += paired_lines(report.get("paired"))
     lines += _robustness_lines(report)
     lines += _template_lines(report)
     lines += _general_lines(report)

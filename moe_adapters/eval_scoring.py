@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .eval_paired import paired_report
 from .eval_plan import GenerationPlan
 from .eval_types import BASE, OOD, TEST, UNSEEN, EvalCase, system_rank
 from .metrics import score_task
@@ -71,6 +72,7 @@ def _score_rows(
         "general": general,
         "summary": _summary(tasks, general),
         "router": router_report(chosen_cases, chosen_routes, labels, serving),
+        "paired": paired_report(cases, plan, texts, by_task, tasks),
     }
 
 
