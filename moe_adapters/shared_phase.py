@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any
 
 from moe_adapters.config import SHARED_ADAPTER
@@ -148,7 +149,7 @@ def recipe_record(trainer: Trainer, tokenizer: Any = None, quiet: bool = False) 
     decisions = keep_if_better(expert_losses, shared_losses)
     metric = RECIPE_METRIC
     if tr.keep_if_better_by == "val_metric":
-        decisions, metric = _decide_by_metric(trainer, tokenizer, tasks, decisions), "val_metric"
+        decisions, metric = _decide_by_metric(trainer, tokenizer, tasks, decisions, quiet), "val_metric"
     record.update({"metric": metric, "decisions": decisions, "serving": serving_adapters(decisions)})
     for line in [] if quiet else format_decisions(decisions):
         print(line, file=sys.stderr)
@@ -156,18 +157,29 @@ def recipe_record(trainer: Trainer, tokenizer: Any = None, quiet: bool = False) 
 
 
 def _decide_by_metric(
-    trainer: Trainer, tokenizer: Any, tasks: list[str], losses: dict[str, dict[str, Any]]
+    trainer: Trainer, tokenizer: Any, tasks: list[str], losses: dict[str, dict[str, Any]], quiet: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Keep-if-better by each task's metric on greedy answers to its validation rows: the shared adapter
-    (frozen at its best) and each expert at its best weights, the ones the run saves."""
+    (frozen at its best) and each expert at its best weights, the ones the run saves. One progress line per
+    adapter and task (generation is the slow part) unless ``quiet``."""
     from peft import set_peft_model_state_dict
 
-    shared = trainer.experts[SHARED_ADAPTER]
-    shared_scores = {t: val_metric(trainer, tokenizer, shared, t) for t in tasks}
+    def scored(name: str, task: str) -> dict[str, Any] | None:
+        start = time.monotonic()
+        result = val_metric(trainer, tokenizer, trainer.experts[name], task)
+        if not quiet and result is not None:
+            print(
+                f"keep-if-better by val metric: {name} on {task}: {result['metric']} "
+                f"{result['score']:.3f} on {result['n']} val rows ({time.monotonic() - start:.0f} s)",
+                file=sys.stderr,
+            )
+        return result
+
+    shared_scores = {t: scored(SHARED_ADAPTER, t) for t in tasks}
     expert_scores = {}
     for task in tasks:
         expert = trainer.experts[task]
         if expert.best_state is not None:
             set_peft_model_state_dict(trainer.model, expert.best_state, adapter_name=expert.adapter)
-        expert_scores[task] = val_metric(trainer, tokenizer, expert, task)
+        expert_scores[task] = scored(task, task)
     return keep_if_better_by_metric(expert_scores, shared_scores, losses)

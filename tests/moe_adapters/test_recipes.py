@@ -241,7 +241,7 @@ def test_shared_warmup_then_keep_if_better_run_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_keep_if_better_by_val_metric_scores_the_saved_adapters_as_served(tmp_path):
+def test_keep_if_better_by_val_metric_scores_the_saved_adapters_as_served(tmp_path, capfd):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,6 +254,9 @@ def test_keep_if_better_by_val_metric_scores_the_saved_adapters_as_served(tmp_pa
     out = _run(tmp_path / "run", **overrides)
     recipe = json.loads((out / "metrics.json").read_text())["recipe"]
     assert recipe["metric"] == "val_metric"
+    progress = capfd.readouterr().err
+    for adapter, task in [("shared", "sentiment"), ("shared", "arithmetic"), ("arithmetic", "arithmetic")]:
+        assert f"keep-if-better by val metric: {adapter} on {task}: " in progress
     base = resolve_base_model(None)
     tokenizer = AutoTokenizer.from_pretrained(base)
     config = load_mixture(MIXTURE, {**RECIPE, **overrides})
