@@ -35,6 +35,9 @@ from .metrics import GatewayMetrics
 from .vllm_process import EngineError, EngineSettings, VLLMProcess
 
 log = logging.getLogger("moea.serving.engine")
+RECOVERY_LOG_EVERY = 30
+"""A replica that stays down is logged on its first failed recovery, then on every this many (with 1 s health
+checks: twice a minute, not every second while vLLM restarts)."""
 
 
 class EngineUnavailable(EngineError):
@@ -208,7 +211,14 @@ class EnginePool:
             await self._bring_up(replica)
         except (EngineError, httpx.HTTPError) as error:
             replica.failures += 1
-            log.error("engine %s not recovered yet (%s); retrying", replica.url, error)
+            if replica.failures == 1 or replica.failures % RECOVERY_LOG_EVERY == 0:  # not every health check
+                log.error(
+                    "engine %s not recovered yet after %d tries (%s); retrying every %.0f s",
+                    replica.url,
+                    replica.failures,
+                    error,
+                    self.health_interval_s,
+                )
         finally:
             self._restarting.discard(replica)
 

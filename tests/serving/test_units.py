@@ -129,6 +129,34 @@ def _pool(n: int) -> EnginePool:
     return pool
 
 
+def test_a_replica_that_stays_down_is_logged_once_then_every_thirtieth_try(caplog) -> None:
+    """Nothing listens on the replica's port (every recovery fails at once): the supervisor retries each
+    health interval, and the log says so on the first try and every RECOVERY_LOG_EVERY-th, not each time."""
+    import socket
+
+    from serving.engine import RECOVERY_LOG_EVERY
+
+    with socket.socket() as probe:  # a port that was free a moment ago: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = EnginePool(httpx.AsyncClient(), urls=(f"http://127.0.0.1:{port}",), capacity=2)
+    replica = pool.replicas[0]
+
+    async def recover(times: int) -> None:
+        for _ in range(times):
+            await pool._recover(replica)
+
+    with caplog.at_level("ERROR", logger="moea.serving.engine"):
+        asyncio.run(recover(2 * RECOVERY_LOG_EVERY + 1))
+    lines = [r.getMessage() for r in caplog.records if "not recovered yet" in r.getMessage()]
+    assert replica.failures == 2 * RECOVERY_LOG_EVERY + 1 and not replica.healthy
+    assert [line.split(" after ")[1].split(" tries")[0] for line in lines] == [
+        "1",
+        str(RECOVERY_LOG_EVERY),
+        str(2 * RECOVERY_LOG_EVERY),
+    ]
+
+
 def test_pick_has_adapter_affinity_and_skips_unhealthy() -> None:
     pool = _pool(4)
     first = {adapter: pool.pick(adapter) for adapter in ("a@1", "b@1", "c@1", None)}
