@@ -26,7 +26,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-REGISTRY_URL_HELP = "SQLAlchemy URL of the registry [env MOEA_REGISTRY_URL; default sqlite:///$MOEA_HOME/registry.db]."
+REGISTRY_URL_HELP = (
+    "SQLAlchemy URL of the registry [env MOEA_REGISTRY_URL; default sqlite:///$MOEA_HOME/registry.db]."
+)
 STORE_DIR_HELP = "Artifact store folder [env MOEA_STORE_DIR; default $MOEA_HOME/store]."
 
 
@@ -142,7 +144,18 @@ def show_command(name: str, as_json: bool, registry_url: str | None, store_dir: 
         click.echo(json.dumps([_jsonable(v) for v in versions], indent=1, default=str))
         return
     table = Table(title=name)
-    for column in ("version", "sha256", "aliases", "metrics", "eval", "parent", "git", "created", "by", "state"):
+    for column in (
+        "version",
+        "sha256",
+        "aliases",
+        "metrics",
+        "eval",
+        "parent",
+        "git",
+        "created",
+        "by",
+        "state",
+    ):
         table.add_column(column)
     for v in versions:
         table.add_row(

@@ -42,7 +42,9 @@ def parse_golden(data: bytes, source: str = "golden set") -> list[dict[str, Any]
     """The rows of a golden JSONL file as ``{"messages", "reference", "extra"}`` (messages: what a client
     sends, ending with the user turn); ValidationError names the first bad lines."""
     if len(data) > MAX_GOLDEN_BYTES:
-        raise ValidationError(f"{source} is over {MAX_GOLDEN_BYTES >> 20} MiB; a golden set holds a few hundred rows")
+        raise ValidationError(
+            f"{source} is over {MAX_GOLDEN_BYTES >> 20} MiB; a golden set holds a few hundred rows"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -59,7 +61,9 @@ def parse_golden(data: bytes, source: str = "golden set") -> list[dict[str, Any]
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValidationError(f"{source}: {'; '.join(problems[:3])}{more}")
     if not rows:
-        raise ValidationError(f"{source} has no rows; give JSONL rows with prompt/messages and response/reference")
+        raise ValidationError(
+            f"{source} has no rows; give JSONL rows with prompt/messages and response/reference"
+        )
     if len(rows) > MAX_GOLDEN_ROWS:
         raise ValidationError(f"{source} has {len(rows)} rows; a golden set holds at most {MAX_GOLDEN_ROWS}")
     return rows
@@ -141,7 +145,10 @@ def attach_golden(
 
 def _newest(session: Session, expert_id: int | None) -> GoldenSet | None:
     return session.exec(
-        select(GoldenSet).where(GoldenSet.expert_id == expert_id).order_by(col(GoldenSet.version).desc()).limit(1)
+        select(GoldenSet)
+        .where(GoldenSet.expert_id == expert_id)
+        .order_by(col(GoldenSet.version).desc())
+        .limit(1)
     ).first()
 
 

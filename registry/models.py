@@ -355,9 +355,7 @@ class EvalScore(SQLModel, table=True):
     holds the first rows' messages and greedy answers, which the gateway checks when it loads the version."""
 
     __tablename__ = "eval_scores"
-    __table_args__ = (
-        Unique("expert_version_id", "golden_sha256", name="uq_eval_scores_version_golden"),
-    )
+    __table_args__ = (Unique("expert_version_id", "golden_sha256", name="uq_eval_scores_version_golden"),)
     id: int | None = Field(default=None, primary_key=True)
     expert_version_id: int = Field(foreign_key="expert_versions.id", nullable=False)
     golden_sha256: str = Field(sa_type=String(64), nullable=False)

@@ -127,7 +127,9 @@ def record_outcomes(engine: Engine, records: list[OutcomeRecord]) -> list[Outcom
             current[record.request_id] = (record.key_name,)
             rows.append({name: getattr(record, name) for name in (*_OUTCOME_COLUMNS, "outcome_id")})
         if rows:
-            connection.execute(_insert_new_statement(connection.dialect.name, _OUTCOMES, ["outcome_id"]), rows)
+            connection.execute(
+                _insert_new_statement(connection.dialect.name, _OUTCOMES, ["outcome_id"]), rows
+            )
         return refused
 
     return db.run_transaction(engine, write)

@@ -122,7 +122,9 @@ class GoldenChecker:
             wrong = differing(expected, got)
             if len(wrong) > allowed_differences(len(expected), self.tolerance):
                 self.metrics.golden_checks.labels("failed").inc()
-                shown = "; ".join(f"#{i + 1} expected {expected[i][:80]!r}, got {got[i][:80]!r}" for i in wrong)
+                shown = "; ".join(
+                    f"#{i + 1} expected {expected[i][:80]!r}, got {got[i][:80]!r}" for i in wrong
+                )
                 return (
                     f"{adapter} failed its golden-prompt check on {replica.url}: {len(wrong)} of "
                     f"{len(expected)} answers differ from the recorded ones ({shown})"
@@ -141,7 +143,10 @@ class GoldenChecker:
             "max_tokens": int(probe.get("max_tokens") or 96),
         }
         response = await self.pool.client.post(
-            f"{replica.url}/v1/chat/completions", json=body, headers=self.pool.headers, timeout=PROBE_TIMEOUT_S
+            f"{replica.url}/v1/chat/completions",
+            json=body,
+            headers=self.pool.headers,
+            timeout=PROBE_TIMEOUT_S,
         )
         if response.status_code != 200:
             raise EngineError(

@@ -140,7 +140,9 @@ def test_modules_stay_small() -> None:
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
     }
     unexplained = {module: n for module, n in big.items() if module not in LARGE_MODULES}
-    assert not unexplained, f"modules over {MAX_MODULE_LINES} lines without a reason in LARGE_MODULES: {unexplained}"
+    assert not unexplained, (
+        f"modules over {MAX_MODULE_LINES} lines without a reason in LARGE_MODULES: {unexplained}"
+    )
     stale = sorted(set(LARGE_MODULES) - set(big))
     assert not stale, f"LARGE_MODULES lists modules that are no longer large: {stale}"
 
@@ -176,7 +178,13 @@ def test_the_layering_test_sees_a_violation(tmp_path: Path) -> None:
 def _import_in_subprocess(code: str, pythonpath: list[Path], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in pythonpath)}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

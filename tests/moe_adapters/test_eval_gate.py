@@ -34,7 +34,9 @@ def make_run(root: Path, seed: int, score: float | None = None, metric: str = "a
     (run / "run.json").write_text(json.dumps({"format_version": 1, "base_model": "base", "tasks": tasks}))
     if score is not None:
         oracle = {"metric": metric, "score": score}
-        (run / "eval.json").write_text(json.dumps({"tasks": {"math": {"n": 20, "systems": {"oracle": oracle}}}}))
+        (run / "eval.json").write_text(
+            json.dumps({"tasks": {"math": {"n": 20, "systems": {"oracle": oracle}}}})
+        )
     return run
 
 
@@ -69,7 +71,9 @@ def registry(registry_url: str, tmp_path: Path) -> Any:
 def test_scores_are_computed_once_per_version_and_golden_set(registry: Registry) -> None:
     scorer = FakeScorer({"math@1": 0.80, "math@2": 0.79})
     view, decision = gated_promote(registry, "math@2", scorer=scorer)
-    assert view.ref == "math@2" and decision.passed and scorer.calls == [["math@2", "math@1"]]  # one generation
+    assert (
+        view.ref == "math@2" and decision.passed and scorer.calls == [["math@2", "math@1"]]
+    )  # one generation
     assert "eval gate passed on golden set v1" in registry.history("math")[-1].reason
     assert "delta -0.0100, margin 0.02" in registry.history("math")[-1].reason
     # Re-promoting (here back and forth) generates nothing: both scores are cached in the registry.
@@ -91,14 +95,18 @@ def test_scores_are_computed_once_per_version_and_golden_set(registry: Registry)
 
 def test_a_worse_version_is_refused_unless_forced(registry: Registry) -> None:
     scorer = FakeScorer({"math@1": 0.80, "math@2": 0.70})
-    with pytest.raises(GateRefused, match=r"eval gate failed .* math@2 final_number_accuracy=0.7000 vs math@1 0.8000"):
+    with pytest.raises(
+        GateRefused, match=r"eval gate failed .* math@2 final_number_accuracy=0.7000 vs math@1 0.8000"
+    ):
         gated_promote(registry, "math@2", scorer=scorer)
     assert registry.resolve("math").ref == "math@1" and len(registry.history("math")) == 1  # nothing moved
     assert gated_promote(registry, "math@2", margin=0.15, scorer=scorer)[1].passed  # a wider margin passes
     registry.rollback("math")
     view, decision = gated_promote(registry, "math@2", force=True, reason="hotfix", scorer=scorer)
     assert view.ref == "math@2" and not decision.passed
-    assert registry.history("math")[-1].reason.startswith("hotfix; forced past the eval gate: eval gate failed")
+    assert registry.history("math")[-1].reason.startswith(
+        "hotfix; forced past the eval gate: eval gate failed"
+    )
     assert len(scorer.calls) == 1  # cached across all three
 
 
@@ -111,7 +119,9 @@ def test_margin_is_absolute_on_the_headline_metric() -> None:
     assert decide(score("x@2", 0.5), score("x@1", 0.5), 0.0, "s").passed
     differ = decide(score("x@2", 0.1, "rougeL"), score("x@1", 0.9), 0.02, "s")
     assert differ.passed and differ.note.startswith("not gated: metrics differ")
-    assert decide(None, score("x@1", 0.9), 0.02, "s").note.startswith("not gated: the candidate has no eval score")
+    assert decide(None, score("x@1", 0.9), 0.02, "s").note.startswith(
+        "not gated: the candidate has no eval score"
+    )
     with pytest.raises(ValueError, match="margin"):
         evaluate_gate(None, "x@2", margin=-1)
 
@@ -132,7 +142,9 @@ def _moea(*args: str) -> Any:
     return CliRunner().invoke(moea, list(args), catch_exceptions=False)
 
 
-def test_cli_falls_back_to_recorded_eval_scores_without_a_golden_set(isolated_home: Path, tmp_path: Path) -> None:
+def test_cli_falls_back_to_recorded_eval_scores_without_a_golden_set(
+    isolated_home: Path, tmp_path: Path
+) -> None:
     for seed, score in ((1, 0.9), (2, 0.5)):
         assert _moea("register", str(make_run(tmp_path, seed, score))).exit_code == 0
     refused = _moea("registry", "promote", "math@2")
@@ -181,7 +193,12 @@ def test_real_gated_promote_generates_once_with_vllm_and_caches(isolated_home: P
         run = tmp_path / f"real-{seed}"
         _real_adapter(base, run / "experts" / "math", seed)
         tasks = {"math": {"kind": "math", "system_prompt": "Answer with the number only."}}
-        run_json = {"format_version": 1, "base_model": base, "base_model_name": DEFAULT_BASE_NAME, "tasks": tasks}
+        run_json = {
+            "format_version": 1,
+            "base_model": base,
+            "base_model_name": DEFAULT_BASE_NAME,
+            "tasks": tasks,
+        }
         (run / "run.json").write_text(json.dumps(run_json))
         assert _moea("register", str(run)).exit_code == 0
     golden = tmp_path / "golden.jsonl"
@@ -193,10 +210,15 @@ def test_real_gated_promote_generates_once_with_vllm_and_caches(isolated_home: P
     assert "eval gate passed on golden set v1" in first.output and "math@prod → math@2" in first.output
     with Registry() as reg:
         scores = {s.version: s for s in reg.eval_scores("math")}
-        assert sorted(scores) == [1, 2] and all(s.metric == "final_number_accuracy" and s.n == 4 for s in scores.values())
+        assert sorted(scores) == [1, 2] and all(
+            s.metric == "final_number_accuracy" and s.n == 4 for s in scores.values()
+        )
         assert [len(s.probes) for s in scores.values()] == [3, 3]
         assert all(isinstance(p["answer"], str) for s in scores.values() for p in s.probes)
-        assert scores[1].probes[0]["answer"] != scores[2].probes[0]["answer"] or scores[1].probes != scores[2].probes
+        assert (
+            scores[1].probes[0]["answer"] != scores[2].probes[0]["answer"]
+            or scores[1].probes != scores[2].probes
+        )
         reg.rollback("math")
 
         def no_generation(*_: Any) -> Any:  # a fake scorer that fails the test: the cache must answer

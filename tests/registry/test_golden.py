@@ -81,7 +81,9 @@ def test_eval_scores_are_cached_per_version_and_golden_hash(registry: Registry, 
     )
     assert (stored.metric, stored.score, stored.n, stored.probes) == ("rougeL", 0.5, 3, probes)
     # A second record for the same (version, golden hash) keeps the first one.
-    kept = registry.record_eval_score("summarize", 2, golden.sha256, {"metric": "rougeL", "score": 0.9, "n": 3})
+    kept = registry.record_eval_score(
+        "summarize", 2, golden.sha256, {"metric": "rougeL", "score": 0.9, "n": 3}
+    )
     assert kept.score == 0.5 and registry.eval_score("summarize", 2, golden.sha256).score == 0.5  # type: ignore[union-attr]
     assert registry.golden_probes("summarize", 2).probes == probes  # type: ignore[union-attr]
     assert registry.golden_probes("summarize", 1) is None
@@ -121,5 +123,7 @@ def test_cli_attach_eval_and_show(isolated_home: Path, tmp_path: Path) -> None:
     show = run("registry", "show", "summarize")
     assert "rougeL=0.61 (n=30, test)" in show
     assert "golden set v1 (used by promote): golden.jsonl, 3 rows" in show and "no version scored yet" in show
-    bad = CliRunner().invoke(main, ["registry", "attach-eval", "summarize", str(_jsonl(tmp_path / "b.jsonl", [{"x": 1}]))])
+    bad = CliRunner().invoke(
+        main, ["registry", "attach-eval", "summarize", str(_jsonl(tmp_path / "b.jsonl", [{"x": 1}]))]
+    )
     assert bad.exit_code == 1 and bad.output.startswith("Error: ") and bad.output.count("\n") == 1

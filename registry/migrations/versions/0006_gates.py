@@ -34,9 +34,7 @@ def upgrade() -> None:
     op.create_table(
         "eval_scores",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column(
-            "expert_version_id", sa.Integer(), sa.ForeignKey("expert_versions.id"), nullable=False
-        ),
+        sa.Column("expert_version_id", sa.Integer(), sa.ForeignKey("expert_versions.id"), nullable=False),
         sa.Column("golden_sha256", sa.String(64), nullable=False),
         sa.Column("metric", sa.String(64), nullable=False),
         sa.Column("score", sa.Float(), nullable=False),
