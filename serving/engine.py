@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +36,9 @@ from .vllm_process import EngineError, EngineSettings, VLLMProcess
 
 log = logging.getLogger("moea.serving.engine")
 RECOVERY_LOG_EVERY = 30
-"""A replica that stays down is logged on its first failed recovery, then on every this many (with 1 s health
-checks: twice a minute, not every second while vLLM restarts)."""
+"""A replica that stays down is logged when a recovery fails for a new reason (the first time too), and
+otherwise on every this many failures (with 1 s health checks: twice a minute, not every second while
+vLLM restarts)."""
 
 
 class EngineUnavailable(EngineError):
@@ -60,6 +61,9 @@ class EngineReplica:
     inflight: int = 0
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     failures: int = 0
+    """Failed recoveries in a row (0 while healthy)."""
+    last_error: str | None = None
+    """Why the last recovery failed (logged when it changes)."""
 
     @property
     def name(self) -> str:
@@ -117,6 +121,10 @@ class EnginePool:
         self._dropped: set[str] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._restarting: set[EngineReplica] = set()
+        self.admission: Callable[[EngineReplica], Awaitable[None]] | None = None
+        """Run on a replica that comes back (not at start) once its required adapters are loaded, before it
+        takes traffic; an EngineError keeps it out until the next recovery (the gateway's golden-prompt
+        check, serving/golden_check.py)."""
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,12 +156,19 @@ class EnginePool:
             )
         await self._sync_loaded(replica)
         # Every required adapter before the replica takes traffic, including ones `set_required` added
-        # while these loads ran: the last check and `healthy = True` happen with no await in between.
-        while missing := [(name, path) for name, path in self.required.items() if name not in replica.loaded]:
-            for name, path in missing:
-                await self._load(replica, name, path)
+        # while these loads (or the admission check) ran: the last check and `healthy = True` happen with
+        # no await in between.
+        while True:
+            while missing := [(n, p) for n, p in self.required.items() if n not in replica.loaded]:
+                for name, path in missing:
+                    await self._load(replica, name, path)
+            if first or self.admission is None:
+                break
+            await self.admission(replica)
+            if all(name in replica.loaded for name in self.required):
+                break
         replica.healthy = True
-        replica.failures = 0
+        replica.failures, replica.last_error = 0, None
         self.metrics.engine_healthy.labels(replica.name).set(1)
         log.info("engine %s healthy with %d adapters", replica.url, len(replica.loaded))
 
@@ -211,7 +226,10 @@ class EnginePool:
             await self._bring_up(replica)
         except (EngineError, httpx.HTTPError) as error:
             replica.failures += 1
-            if replica.failures == 1 or replica.failures % RECOVERY_LOG_EVERY == 0:  # not every health check
+            previous, replica.last_error = replica.last_error, str(error)
+            if (
+                previous != replica.last_error or replica.failures % RECOVERY_LOG_EVERY == 0
+            ):  # not every second
                 log.error(
                     "engine %s not recovered yet after %d tries (%s); retrying every %.0f s",
                     replica.url,

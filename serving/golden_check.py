@@ -21,6 +21,11 @@ compares the answers with the ones recorded when the version was scored on its g
   load as much as the version's, and other gateways may load it fine.
 - The versions a gateway starts with are checked too, after its engines start; a failure there is
   logged and counted (there is no older state to keep serving).
+- A replica that comes back (an engine restarted, or an external one re-admitted) loads every serving
+  adapter again, and every version that passed its check answers its golden prompts on that replica
+  before the replica takes traffic (``EnginePool.admission``); a wrong answer keeps the replica out of
+  rotation (logged, counted as ``failed``) and the next recovery tries again. Versions served although
+  they failed at start are not asked again.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class GoldenChecker:
         self.failed: dict[str, str] = {}
         """Adapter → why it failed."""
         self._held: str | None = None
+        self._verified: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+        """Adapter → (prompt spec, probes) of each version that passed: what a replica that comes back
+        must answer too."""
+        pool.admission = self.check_replica
 
     def refuse_known(self, state: ServingState) -> None:
         """Raise before loading anything when `state` needs an adapter that failed already."""
@@ -114,11 +123,29 @@ class GoldenChecker:
             self.metrics.golden_checks.labels("skipped").inc()
             return None
         spec = version_prompt_spec(view)
-        expected = [str(p.get("answer") or "") for p in record.probes]
-        for replica in self.pool.healthy_replicas:
+        reason = await self._probe(adapter, spec, record.probes, self.pool.healthy_replicas)
+        if reason is None:
+            self._verified[adapter] = (spec, record.probes)
+        return reason
+
+    async def check_replica(self, replica: EngineReplica) -> None:
+        """Every version that passed and is loaded in ``replica`` answers its golden prompts there
+        (``EnginePool.admission``: before a replica that comes back takes traffic); EngineError if not."""
+        for adapter in sorted(a for a in self._verified if a in replica.loaded):
+            spec, probes = self._verified[adapter]
+            reason = await self._probe(adapter, spec, probes, [replica])
+            if reason is not None:
+                raise EngineError(reason)
+
+    async def _probe(
+        self, adapter: str, spec: Any, probes: list[dict[str, Any]], replicas: Iterable[EngineReplica]
+    ) -> str | None:
+        """Ask ``probes`` on each of ``replicas`` that has ``adapter`` loaded: None, or why it failed."""
+        expected = [str(p.get("answer") or "") for p in probes]
+        for replica in replicas:
             if adapter not in replica.loaded:
                 continue
-            got = [await self._ask(replica, adapter, spec, probe) for probe in record.probes]
+            got = [await self._ask(replica, adapter, spec, probe) for probe in probes]
             wrong = differing(expected, got)
             if len(wrong) > allowed_differences(len(expected), self.tolerance):
                 self.metrics.golden_checks.labels("failed").inc()

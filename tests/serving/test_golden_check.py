@@ -38,14 +38,18 @@ class FakeVLLM:
         self.loaded: dict[str, str] = {}
         self.wrong: dict[str, int] = {}
         self.asked: list[tuple[str, str]] = []
+        self.down = False
+        """Health checks and the model list answer 503 (an engine that is restarting)."""
         self.app = FastAPI()
 
-        @self.app.get("/health")
-        async def health() -> dict[str, str]:
-            return {}
+        @self.app.get("/health", response_model=None)
+        async def health() -> dict[str, str] | JSONResponse:
+            return JSONResponse({}, 503) if self.down else {}
 
-        @self.app.get("/v1/models")
-        async def models() -> dict[str, Any]:
+        @self.app.get("/v1/models", response_model=None)
+        async def models() -> dict[str, Any] | JSONResponse:
+            if self.down:
+                return JSONResponse({"error": {"message": "restarting"}}, 503)
             cards = [{"id": BASE, "root": BASE, "parent": None}]
             return {
                 "object": "list",
@@ -166,6 +170,42 @@ def test_a_version_that_answers_its_golden_prompts_wrongly_is_not_swapped_in(
     _wait_for(lambda: gateway.state.token == registry.state_token())
     assert _served_version(thread.url, "math") == "math@1"
     assert 'moea_golden_check_failed{adapter="math@2"} 0.0' in httpx.get(f"{thread.url}/metrics").text
+
+
+def test_a_replica_that_comes_back_answers_the_golden_prompts_before_it_takes_traffic(
+    served: tuple[Registry, Any, FakeVLLM, GatewayThread], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry, gateway, fake, thread = served
+    replica = gateway.pool.replicas[0]
+    _record_golden(registry, "math@2", tmp_path / "math.jsonl")
+    registry.promote("math@2")
+    _wait_for(lambda: gateway.state.token == registry.state_token())
+    assert _served_version(thread.url, "math") == "math@2"
+
+    # The engine restarts (its adapters are gone) and, once math@2 is loaded again, answers it wrongly
+    # (a bad dynamic load): the replica is reloaded and probed, and stays out of rotation.
+    fake.down = True
+    _wait_for(lambda: not replica.healthy)
+    asked = len(fake.asked)
+    fake.loaded.clear()
+    fake.wrong = {"math@2": 3}
+    fake.down = False
+    _wait_for(lambda: [p for m, p in fake.asked[asked:] if m == "math@2"] == PROMPTS)
+    time.sleep(0.3)
+    assert not replica.healthy and "math@2" in fake.loaded
+    client = openai.OpenAI(base_url=f"{thread.url}/v1", api_key="none", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model="math", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    assert refused.value.status_code == 503
+    assert "math@2 failed its golden-prompt check" in caplog.text
+    assert "math@2" not in gateway.golden.failed  # the version is fine: this replica's load is not
+
+    # The next recovery finds it answering right again: back in rotation, the version still served.
+    fake.wrong = {}
+    _wait_for(lambda: replica.healthy)
+    assert _served_version(thread.url, "math") == "math@2"
 
 
 def test_tolerance_allows_one_differing_answer_while_one_matches() -> None:

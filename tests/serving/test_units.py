@@ -129,7 +129,7 @@ def _pool(n: int) -> EnginePool:
     return pool
 
 
-def test_a_replica_that_stays_down_is_logged_once_then_every_thirtieth_try(caplog) -> None:
+def test_a_replica_down_for_one_reason_is_logged_once_then_every_thirtieth_try(caplog) -> None:
     """Nothing listens on the replica's port (every recovery fails at once): the supervisor retries each
     health interval, and the log says so on the first try and every RECOVERY_LOG_EVERY-th, not each time."""
     import socket
