@@ -122,7 +122,9 @@ def summary(
 
 
 def _git_commit() -> str | None:
-    """The current commit of the repo (with ``-dirty`` when the tree has changes), or None."""
+    """The current commit of the repo (with ``-dirty`` when the tree has changes), or None. Changes under
+    ``benchmarks/results/`` do not count: they are what the run writes (``run_all`` would otherwise mark
+    every script after the first one dirty)."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
@@ -132,7 +134,17 @@ def _git_commit() -> str | None:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(REPO_ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)benchmarks/results",
+            ],
             capture_output=True,
             text=True,
             check=True,
