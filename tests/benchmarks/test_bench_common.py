@@ -62,6 +62,25 @@ def test_write_result_adds_machine_and_is_valid_json(tmp_path: Path) -> None:
         common.write_result("../escape", {}, results_dir=tmp_path)
 
 
+def test_the_results_a_run_writes_do_not_make_the_tree_dirty(tmp_path: Path, monkeypatch) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+    clean = common._git_commit()
+    assert clean is not None and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text('{"new": 1}')  # what run_all writes
+    assert common._git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common._git_commit() == f"{clean}-dirty"
+
+
 def test_report_renders_summaries_and_refreshes_a_marked_section(tmp_path: Path) -> None:
     row = common.summary("training", "tok/s", 170.0, 100.0, unit="tok/s", higher_is_better=True, target=1.3)
     common.write_result("training", {"mode": "quick", "summary": row}, results_dir=tmp_path)
