@@ -113,9 +113,8 @@ def paired_report(
         references = [cases[i].reference for i in rows]
         labels = sorted({r.strip() for r in references}) if kind == "classification" else None
         extras = [cases[i].extra for i in rows]
-        seen: dict[
-            tuple[str, ...], np.ndarray
-        ] = {}  # systems with the same answers (oracle = moe) score once
+        # systems with the same answers (oracle = moe when routing is right) are scored once
+        seen: dict[tuple[str, ...], np.ndarray] = {}
         for system in entry["systems"]:
             answers = tuple(texts[plan.systems[system][i]] for i in rows)
             if answers not in seen:

@@ -227,9 +227,8 @@ class EnginePool:
         except (EngineError, httpx.HTTPError) as error:
             replica.failures += 1
             previous, replica.last_error = replica.last_error, str(error)
-            if (
-                previous != replica.last_error or replica.failures % RECOVERY_LOG_EVERY == 0
-            ):  # not every second
+            # logged when the reason changes, else every RECOVERY_LOG_EVERY-th failure (not every second)
+            if previous != replica.last_error or replica.failures % RECOVERY_LOG_EVERY == 0:
                 log.error(
                     "engine %s not recovered yet after %d tries (%s); retrying every %.0f s",
                     replica.url,
