@@ -101,6 +101,7 @@ class Gateway:
         self._slot_warning: str | None = None
         self._required: dict[str, str] = {}
         self.golden = GoldenChecker(registry, pool, self.metrics)
+        pool.admission = self.golden.check_replica  # a replica that comes back answers its golden prompts
         self.last_change: StateChange | None = None
         """The last registry state change applied (delays also in the moea_state_apply_seconds metric)."""
 

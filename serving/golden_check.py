@@ -81,7 +81,6 @@ class GoldenChecker:
         self._verified: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         """Adapter → (prompt spec, probes) of each version that passed: what a replica that comes back
         must answer too."""
-        pool.admission = self.check_replica
 
     def refuse_known(self, state: ServingState) -> None:
         """Raise before loading anything when `state` needs an adapter that failed already."""
